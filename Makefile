@@ -1,0 +1,45 @@
+# Every target bootstraps .venv (pip) on first use. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision pins: these wheels are cached on the dev/CI machines; change them for your own machine/CUDA.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+SWEEP ?= grid
+ARGS ?=
+NPROC ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test lint format tensorboard sweep bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[all]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project with all extras
+
+train: install ## train with the defaults (ARGS="model=mlp ..." to override)
+	$(BIN)/python train.py $(ARGS)
+
+test: install ## run the test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: install ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## ruff autofix + format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+tensorboard: install ## serve TensorBoard on outputs/
+	$(BIN)/tensorboard --logdir outputs
+
+clean: ## remove caches (keeps .venv, data/ and outputs/)
+	rm -rf .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

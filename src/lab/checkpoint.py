@@ -1,0 +1,188 @@
+"""Checkpoints: atomic writes, safe loading, and the last/best/top-k policy of `conf/checkpoint/*.yaml`.
+
+A checkpoint is a `torch.save`d dict of tensors and plain Python values, loaded with `weights_only=True`:
+`model` (plain state_dict), `optimizer`, `schedulers`, `scaler`, `epoch`, `global_step`, `batch_in_epoch`,
+`monitor` (name, mode, best), `early_stopping`, `config` (resolved, plain dict), `class_names`, `rng`, `loggers`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lab.errors import UserError
+
+REQUIRED_KEYS = ("model", "epoch", "global_step")
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def serialize(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    """Temp file in the same dir, fsync, rename: `path` is always the old or the new complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; every failure is a `UserError` naming the file."""
+    path = Path(path)
+    where = f"ckpt_path={path}"
+    if not path.is_file():
+        raise UserError("checkpoint file not found", where, "give the path of a .pt file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"refused: the file holds pickled Python objects, which could run code on load ({first[:120]})",
+            where,
+            "only load checkpoints written by lab or other plain tensor dicts",
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(
+            f"not a readable checkpoint, truncated or corrupt ({type(e).__name__})",
+            where,
+            "use an intact last.pt/best.pt",
+        ) from None
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise UserError(
+            f"not a lab checkpoint: expected keys {', '.join(REQUIRED_KEYS)}, found {found}",
+            where,
+            "point ckpt_path at a checkpoints/last.pt or best.pt written by train.py",
+        )
+    return state
+
+
+def load_model_state(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], where: str, strict: bool = True
+) -> None:
+    """`load_state_dict` with a readable list of missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    mismatched = [
+        f"{key} {tuple(value.shape)}≠{tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = []
+        for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
+            if keys and (strict or label == "shape mismatch"):
+                shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+                parts.append(f"{label}: {shown}")
+        raise UserError(
+            "checkpoint does not fit this model; " + "; ".join(parts),
+            where,
+            "use the same model and data (num_classes) as the checkpoint, or checkpoint.strict=false for a "
+            "partial load",
+        )
+    if not strict:
+        state_dict = {key: value for key, value in state_dict.items() if key in own}
+    model.load_state_dict(state_dict, strict=strict)
+
+
+class Checkpointer:
+    """Writes `last.pt` every `every_n_epochs` (and every `every_n_steps`), `best.pt` by `monitor`/`mode`, and
+    keeps the `save_top_k` best as `epoch=NNN-<monitor>=<value>.pt` when `save_top_k > 1`."""
+
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str,
+        mode: str,
+        save_last: bool = True,
+        save_top_k: int = 1,
+        every_n_epochs: int = 1,
+        every_n_steps: int | None = None,
+        strict: bool = True,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.monitor, self.mode = monitor, mode
+        self.save_last, self.save_top_k = save_last, save_top_k
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.strict = strict
+        self.top_k: list[tuple[float, str]] = []  # (value, file name), best first
+
+    @property
+    def enabled(self) -> bool:
+        return self.save_last or self.save_top_k > 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.dirpath / "best.pt"
+
+    def step_due(self, global_step: int) -> bool:
+        return bool(self.save_last and self.every_n_steps and global_step % self.every_n_steps == 0)
+
+    def save_step(self, state: dict[str, Any]) -> None:
+        write_atomic(serialize(state), self.last_path)
+
+    def save_epoch(self, state: dict[str, Any], epoch: int, value: float | None, is_best: bool) -> None:
+        """After epoch `epoch` (1-based); `value` is the monitored metric, `is_best` whether it improved."""
+        last_due = self.save_last and self.every_n_epochs and epoch % self.every_n_epochs == 0
+        keep = self.save_top_k > 0 and value is not None and math.isfinite(value)
+        if keep and len(self.top_k) >= self.save_top_k and not self._beats(value, self.top_k[-1][0]):
+            keep = False
+        if not (last_due or (is_best and self.save_top_k > 0) or (keep and self.save_top_k > 1)):
+            return
+        state["checkpointer"] = self.state_dict()
+        data = serialize(state)
+        if last_due:
+            write_atomic(data, self.last_path)
+        if is_best and self.save_top_k > 0:
+            write_atomic(data, self.best_path)  # the previous best.pt stays until this one is complete
+        if keep and self.save_top_k > 1:
+            name = f"epoch={epoch:03d}-{self.monitor.replace('/', '_')}={value:.4f}.pt"
+            write_atomic(data, self.dirpath / name)
+            self.top_k = sorted([*self.top_k, (value, name)], key=lambda t: t[0], reverse=self.mode == "max")
+            for _, dropped in self.top_k[self.save_top_k :]:
+                (self.dirpath / dropped).unlink(missing_ok=True)
+            self.top_k = self.top_k[: self.save_top_k]
+
+    def _beats(self, value: float, other: float) -> bool:
+        return value > other if self.mode == "max" else value < other
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"top_k": [list(item) for item in self.top_k]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.top_k = [(float(v), str(n)) for v, n in state.get("top_k", [])]

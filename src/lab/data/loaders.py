@@ -1,0 +1,131 @@
+"""Batch iterators the loop consumes: each yields `(inputs, targets)` already on the training device.
+
+`InMemoryLoader` is the fast path for datasets that fit in memory: the whole split is one tensor on the device and
+batches are drawn by shuffled index, with no per-sample `__getitem__`, collation or host-to-device copy.
+`DeviceLoader` wraps a classic `DataLoader` for everything else. Both shuffle with a permutation derived from
+`(seed, epoch)`, so the data order is reproducible and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+Batch = tuple[Tensor, Tensor]
+Transform = Callable[[Tensor], Tensor]
+
+
+class InMemoryLoader:
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        transform: Transform | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.transform = transform
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> Tensor | None:
+        n = len(self.targets)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(n, generator=generator)
+        elif self.world_size == 1:
+            return None  # plain slices: views, no copy
+        else:
+            indices = torch.arange(n)
+        if self.world_size > 1:  # equal shards, like DistributedSampler (pad by wrapping around)
+            per_rank = -(-n // self.world_size)
+            indices = torch.cat([indices, indices[: per_rank * self.world_size - n]])
+            indices = indices[self.rank :: self.world_size]
+        return indices.to(self.inputs.device)
+
+    def _num_samples(self) -> int:
+        n = len(self.targets)
+        return n if self.world_size == 1 else -(-n // self.world_size)
+
+    def __len__(self) -> int:
+        return -(-self._num_samples() // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        indices = self._indices()
+        for start in range(0, self._num_samples(), self.batch_size):
+            if indices is None:
+                x = self.inputs[start : start + self.batch_size]
+                y = self.targets[start : start + self.batch_size]
+            else:
+                index = indices[start : start + self.batch_size]
+                x, y = self.inputs.index_select(0, index), self.targets.index_select(0, index)
+            yield (self.transform(x) if self.transform is not None else x), y
+
+
+class DeviceLoader:
+    """A `DataLoader` whose batches arrive on `device` (non-blocking from pinned memory on CUDA)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, transform: Transform | None = None) -> None:
+        self.loader, self.device, self.transform = loader, device, transform
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = self.loader.sampler
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield (self.transform(x) if self.transform is not None else x), y
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    device: torch.device,
+    seed: int,
+    num_workers: int,
+    transform: Transform | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch_factor: int | None = None,
+) -> DeviceLoader:
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return DeviceLoader(loader, device, transform)

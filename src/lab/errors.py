@@ -1,0 +1,17 @@
+"""User errors: one line `error: <what> (<key or file>): <how to fix>`, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config value, missing file). Raised before training starts."""
+
+    def __init__(self, what: str, where: str, fix: str = "") -> None:
+        self.what, self.where, self.fix = what, where, fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        text = f"error: {self.what} ({self.where})"
+        return f"{text}: {self.fix}" if self.fix else text

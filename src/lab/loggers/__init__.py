@@ -1,0 +1,92 @@
+"""Experiment loggers, built from `conf/logger/*.yaml`: one small interface, one file per backend, a fan-out.
+
+The training loop only ever talks to a `LoggerFanOut`; it never imports a logging library. A backend overrides the
+methods it supports; the others do nothing for it (CSV has no place for text, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+class Logger:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Scalars at an optimizer step: `train/loss`, `val/acc`, `lr`, ..."""
+
+    def log_hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """The flattened resolved config with the final metrics, so runs can be compared side by side."""
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        """Free text: the resolved config as YAML, the model summary."""
+
+    def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
+        """Called before anything is logged when training resumes from a checkpoint at `global_step`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the backend needs to continue this run later (saved in checkpoints), e.g. a W&B run id."""
+        return {}
+
+    def close(self, status: str = "success") -> None:
+        """Flush and release files; `status` is success, failed or interrupted."""
+
+
+class LoggerFanOut:
+    """Forwards every call to each configured logger (none at all for `logger=none` or on non-zero ranks)."""
+
+    def __init__(self, loggers: Mapping[str, Logger]) -> None:
+        self.loggers = dict(loggers)
+
+    def __bool__(self) -> bool:
+        return bool(self.loggers)
+
+    def __getattr__(self, name: str):
+        # Every other logger method (log_text, log_hparams, media added by backends) goes to each logger having it.
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def fan_out(*args: Any, **kwargs: Any) -> None:
+            for logger in self.loggers.values():
+                method = getattr(logger, name, None)
+                if callable(method):
+                    method(*args, **kwargs)
+
+        return fan_out
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for logger in self.loggers.values():
+            logger.log_metrics(metrics, step)
+
+    def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
+        for name, logger in self.loggers.items():
+            logger.resume(global_step, state.get(name, {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: logger.state_dict() for name, logger in self.loggers.items()}
+
+    def close(self, status: str = "success") -> None:
+        for logger in self.loggers.values():
+            logger.close(status)
+
+
+def build_loggers(cfg: DictConfig | None) -> LoggerFanOut:
+    """`cfg.logger` maps a name to a `_target_` config, e.g. `{tensorboard: {...}, csv: {...}}`."""
+    from hydra.utils import instantiate
+
+    return LoggerFanOut({name: instantiate(conf) for name, conf in (cfg or {}).items() if conf is not None})
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`; lists become strings (hparams take scalars only)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif value is None or isinstance(value, (list, tuple)):
+            flat[name] = str(value)
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,49 @@
+"""TensorBoard event files under the run dir (`tensorboard/`); `make tensorboard` serves them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lab.loggers import Logger
+
+
+class TensorBoardLogger(Logger):
+    def __init__(self, log_dir: str, flush_secs: int = 30) -> None:
+        self.log_dir, self.flush_secs = log_dir, flush_secs
+        self.purge_step: int | None = None
+        self._writer = None
+
+    @property
+    def writer(self):
+        # Created on first use, so that `resume` can set `purge_step` first and `logger=none` costs no import.
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir, purge_step=self.purge_step, flush_secs=self.flush_secs)
+        return self._writer
+
+    def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
+        # Events past the checkpoint were written by the interrupted run: drop them so curves do not fork.
+        self.purge_step = global_step
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def log_hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        # In this run's own event file (not a sub-run as `add_hparams` does), next to the metric scalars it names.
+        allowed = {k: v for k, v in params.items() if isinstance(v, (bool, int, float, str))}
+        for summary in hparams(allowed, dict(metrics)):
+            self.writer.file_writer.add_summary(summary)
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        # Markdown: indent by four spaces so YAML and tables render as code.
+        self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def close(self, status: str = "success") -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

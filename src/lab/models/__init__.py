@@ -1,0 +1,5 @@
+"""Models, built by `hydra.utils.instantiate(cfg.model)` from `conf/model/*.yaml`.
+
+Every model exposes `features` (input → penultimate feature vector) and `head` (features → logits), so that
+embeddings, feature caching and head replacement work the same way for all of them.
+"""

@@ -1,0 +1,26 @@
+"""OmegaConf resolvers used by the configs (registered on `import lab`)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from omegaconf import OmegaConf
+
+_RUN_ID: str | None = None
+
+
+def run_id() -> str:
+    """A short id that keeps two runs started in the same second apart (e.g. SLURM array jobs).
+
+    `LAB_RUN_ID` wins when set, so that several processes (torchrun ranks, a relaunch) can agree on one run dir.
+    """
+    global _RUN_ID
+    if _RUN_ID is None:
+        _RUN_ID = os.environ.get("LAB_RUN_ID") or secrets.token_hex(3)
+    return _RUN_ID
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)

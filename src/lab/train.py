@@ -1,0 +1,178 @@
+"""Config → build (data, model, optimizer, loggers) → loop → checkpoints, metrics, logs.
+
+`main(cfg)` is what `python train.py` runs inside `@hydra.main`; it returns the objective for sweepers: the best
+value of `checkpoint.monitor`, or NaN for a failed or diverged run so that a sweep records it and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lab.config import validate
+from lab.errors import EXIT_USER_ERROR, UserError
+
+log = logging.getLogger("lab")
+
+EXIT_DIVERGED = 3
+
+
+def main(cfg: DictConfig) -> float:
+    """Run one training job; user errors end it with one line and exit code 2 (NaN inside a sweep)."""
+    from lab.trainer import TrainingDiverged, TrainingInterrupted
+
+    try:
+        return run(cfg)
+    except UserError as e:
+        return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
+    except TrainingDiverged as e:
+        return _fail(cfg, f"error: training diverged (trainer): {e}", EXIT_DIVERGED, status="diverged")
+    except TrainingInterrupted as e:
+        log.warning("%s: exiting with code %d", e, 128 + e.signum)
+        sys.exit(128 + e.signum)
+
+
+def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
+    print(line, file=sys.stderr, flush=True)
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    if output_dir and Path(output_dir).is_dir():
+        write_json(Path(output_dir) / "metrics.json", {"status": status, "error": line})
+    if _in_multirun():
+        return math.nan  # the sweeper records a failed trial and the sweep goes on
+    sys.exit(code)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The composed config as a tree, one branch per group."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(str(key)).add(Syntax(text.rstrip(), "yaml", background_color="default"))
+    rich_print(tree)
+
+
+def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
+    import torch
+    from torchinfo import summary
+
+    # Zeros rather than torchinfo's random input: the summary must not consume the seeded RNG.
+    example = torch.zeros(input_shape, device=device)
+    stats = summary(model, input_data=example, verbose=0, depth=3, device=device,
+                    col_names=("input_size", "output_size", "num_params", "trainable"))  # fmt: skip
+    return str(stats)
+
+
+def run(cfg: DictConfig) -> float:
+    import torch
+    from hydra.utils import instantiate
+
+    from lab import checkpoint as ckpt
+    from lab.data import build_data, build_loaders
+    from lab.loggers import build_loggers, flatten
+    from lab.optim import build_optimizer, build_schedulers
+    from lab.runtime import resolve_device, run_info, seed_everything
+    from lab.trainer import Trainer
+
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("print_config", True):
+        print_config(cfg)
+    device = resolve_device(cfg.trainer.device)
+    if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
+        raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
+                        "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    resume = ckpt.load(cfg.ckpt_path) if cfg.ckpt_path else None  # fail fast on a bad file
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    splits = build_data(cfg.data)
+    loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed)
+    model = instantiate(cfg.model)
+    if resume is not None:
+        ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+    model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    input_shape = (1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    summary = model_summary(model, input_shape, device)
+    (output_dir / "model_summary.txt").write_text(summary + "\n")
+    log.info("model summary:\n%s", summary)
+    write_json(output_dir / "run_info.json", run_info())
+
+    optimizer = build_optimizer(cfg.optimizer, model)
+    num_batches = len(loaders["train"])
+    schedulers = build_schedulers(cfg.scheduler, optimizer, num_batches, cfg.trainer.max_epochs)
+    checkpointer = ckpt.Checkpointer(**OmegaConf.to_container(cfg.checkpoint, resolve=True))
+    loggers = build_loggers(cfg.get("logger"))
+    trainer = Trainer(
+        cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,
+        checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
+                                  "loggers": loggers.state_dict()},
+    )  # fmt: skip
+    if resume is not None and cfg.train:
+        trainer.load_checkpoint_state(resume)
+        loggers.resume(trainer.state.global_step, resume.get("loggers") or {})
+        log.info(
+            "resumed from %s at epoch %d, step %d",
+            cfg.ckpt_path,
+            trainer.state.epoch,
+            trainer.state.global_step,
+        )
+
+    status = "failed"
+    try:
+        loggers.log_text("config", OmegaConf.to_yaml(config))
+        loggers.log_text("model_summary", summary)
+        if cfg.train:
+            trainer.fit()
+        # Final evaluation on the best weights (last ones when no best.pt was written).
+        if cfg.train and checkpointer.best_path.is_file():
+            model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
+        metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
+        if cfg.test:
+            metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)
+        best = trainer.state.best if trainer.state.best is not None else metrics.get(checkpointer.monitor)
+        loggers.log_metrics({f"final/{k}": v for k, v in metrics.items()}, trainer.state.global_step)
+        loggers.log_hparams(flatten(config), {f"final/{k}": v for k, v in metrics.items()})
+        summary_metrics = {
+            **metrics,
+            "monitor": checkpointer.monitor,
+            "mode": checkpointer.mode,
+            "best": best,
+            "epochs": trainer.state.epoch,
+            "global_step": trainer.state.global_step,
+            "status": "success",
+        }
+        write_json(output_dir / "metrics.json", summary_metrics)
+        log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        status = "success"
+    except BaseException as e:
+        from lab.trainer import TrainingInterrupted
+
+        status = "interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed"
+        raise
+    finally:
+        loggers.close(status)
+    return float(best) if best is not None else math.nan

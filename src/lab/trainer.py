@@ -1,0 +1,357 @@
+"""The training loop: fit, validate, test. Driven by `conf/trainer/*.yaml`.
+
+It sees a model, loaders, an optimizer, schedulers, a logger fan-out and a checkpointer, and nothing else: no
+dataset classes, no logging libraries. Metrics accumulate on the device and are read back once per logging
+interval, so the loop adds no host-device synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from lab import checkpoint as ckpt
+from lab.optim import Schedulers
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal arrived; `last.pt` was written. Exit code 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN/Inf; the last good checkpoint on disk is left untouched."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # batches of the current epoch already trained (for mid-epoch resume)
+    best: float | None = None  # best value of the monitored metric so far
+    bad_epochs: int = 0  # epochs since it last improved (early stopping)
+
+
+def limit_batches(limit: int | float | None, num_batches: int) -> int:
+    """`limit_*_batches`: None → all, int → that many, float → that fraction (at least one)."""
+    if limit is None:
+        return num_batches
+    if isinstance(limit, float):
+        return max(1, int(num_batches * limit))
+    return min(num_batches, limit)
+
+
+class Metrics:
+    """Running loss/accuracy sums kept on the device; `compute()` is the only synchronisation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
+        self.loss += loss.detach() * len(targets)
+        self.correct += (logits.argmax(1) == targets).sum()
+        self.count += len(targets)
+
+    def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        values = torch.stack([self.loss.float(), self.correct.float(), torch.tensor(float(self.count))])
+        if reduce is not None:  # all-reduce across ranks under DDP
+            values = reduce(values)
+        loss, correct, count = values.tolist()
+        count = max(count, 1.0)
+        return {f"{stage}/loss": loss / count, f"{stage}/acc": correct / count}
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedulers: Schedulers,
+        loaders: dict[str, Any],
+        loggers: Any,
+        checkpointer: ckpt.Checkpointer,
+        device: torch.device,
+        checkpoint_extra: Callable[[], dict[str, Any]],
+        callbacks: Iterable[Any] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.model = model  # the plain module: its state_dict is what checkpoints hold
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+        self.optimizer, self.schedulers = optimizer, schedulers
+        self.loaders, self.loggers, self.checkpointer = loaders, loggers, checkpointer
+        self.device = device
+        self.checkpoint_extra = (
+            checkpoint_extra  # config, class names, logger state: things the loop doesn't own
+        )
+        self.callbacks = list(callbacks)
+        self.monitor, self.mode = checkpointer.monitor, checkpointer.mode
+        self.state = TrainState()
+        self.stop_signal: int | None = None
+        self.reduce: Callable[[Tensor], Tensor] | None = None  # set under DDP
+
+        precision = str(cfg.precision)
+        self.autocast_dtype = {
+            "bf16": torch.bfloat16,
+            "bf16-mixed": torch.bfloat16,
+            "16-mixed": torch.float16,
+        }.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+        self.channels_last = bool(cfg.channels_last)
+
+    # ---------------------------------------------------------------- helpers
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def callback(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, hook, None)
+            if method is not None:
+                method(self, *args)
+
+    def learning_rates(self) -> dict[str, float]:
+        groups = self.optimizer.param_groups
+        if len(groups) == 1:
+            return {"lr": groups[0]["lr"]}
+        return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        from lab.runtime import rng_state
+
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedulers": self.schedulers.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "monitor": {"name": self.monitor, "mode": self.mode, "best": self.state.best},
+            "early_stopping": {"bad_epochs": self.state.bad_epochs},
+            "rng": rng_state(),
+            **self.checkpoint_extra(),
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Everything needed to continue exactly where `state` was saved (model weights are loaded before)."""
+        from lab.runtime import set_rng_state
+
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedulers.load_state_dict(state.get("schedulers") or {})
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(
+            epoch=state["epoch"],
+            global_step=state["global_step"],
+            batch_in_epoch=state.get("batch_in_epoch", 0),
+            best=state.get("monitor", {}).get("best"),
+            bad_epochs=state.get("early_stopping", {}).get("bad_epochs", 0),
+        )
+        self.checkpointer.load_state_dict(state.get("checkpointer", {}))
+        if "rng" in state:
+            set_rng_state(state["rng"])
+
+    # ---------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """First SIGINT/SIGTERM (or `trainer.stop_signals`): finish the step, save, exit. Second: exit at once."""
+        names = list(self.cfg.get("stop_signals") or ["SIGINT", "SIGTERM"])
+        signums = [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            log.warning(
+                "%s received: stopping after this step (again to quit now)", signal.Signals(signum).name
+            )
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in signums}
+        except ValueError:  # not the main thread (e.g. some launchers): no signal handling
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # ---------------------------------------------------------------- fit
+    def fit(self) -> dict[str, float]:
+        cfg, state = self.cfg, self.state
+        train_loader = self.loaders["train"]
+        num_batches = limit_batches(cfg.limit_train_batches, len(train_loader))
+        patience = cfg.early_stopping.patience
+        val_metrics: dict[str, float] = {}
+        self.callback("on_fit_start")
+        with self.stop_signals():
+            while state.epoch < cfg.max_epochs:
+                epoch_start = time.perf_counter()
+                train_metrics = self.train_epoch(train_loader, num_batches)
+                if self.stop_signal is not None:
+                    self.save_interrupted()
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                val_metrics = self.evaluate("val", cfg.limit_val_batches)
+                epoch_metrics = {**train_metrics, **val_metrics}
+                value = epoch_metrics.get(self.monitor)
+                is_best = value is not None and ckpt.improved(value, state.best, self.mode)
+                if value is not None and ckpt.improved(
+                    value, state.best, self.mode, cfg.early_stopping.min_delta
+                ):
+                    state.bad_epochs = 0
+                else:
+                    state.bad_epochs += 1
+                if is_best:
+                    state.best = value
+                self.schedulers.step_after_epoch(epoch_metrics)
+                self.loggers.log_metrics(
+                    {**val_metrics, "epoch": state.epoch, "epoch_time": time.perf_counter() - epoch_start},
+                    state.global_step,
+                )
+                log.info(
+                    "epoch %d/%d  %s", state.epoch, cfg.max_epochs,
+                    "  ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()),
+                )  # fmt: skip
+                self.callback("on_validation_end", val_metrics)
+                if self.checkpointer.enabled:
+                    self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
+                if patience and state.bad_epochs >= patience:
+                    log.info("early stopping: %s has not improved for %d epochs", self.monitor, patience)
+                    break
+        self.callback("on_fit_end")
+        return val_metrics
+
+    def train_epoch(self, loader: Any, num_batches: int) -> dict[str, float]:
+        cfg, state = self.cfg, self.state
+        model, optimizer, scaler = self.forward_model, self.optimizer, self.scaler
+        accumulate = cfg.accumulate_grad_batches
+        model.train()
+        loader.set_epoch(state.epoch)
+        epoch_metrics, window = Metrics(self.device), Metrics(self.device)
+        window_start = time.perf_counter()
+        start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
+        batches = islice(loader, start, num_batches)
+        progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
+        for index, (x, y) in enumerate(progress, start=start):
+            with self.autocast():
+                logits = model(self.prepare(x))
+                loss = F.cross_entropy(logits, y)
+            (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
+            epoch_metrics.update(loss, logits, y)
+            window.update(loss, logits, y)
+            state.batch_in_epoch = index + 1
+            if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
+                continue  # accumulate gradients over more batches
+
+            log_now = (state.global_step + 1) % cfg.log_every_n_steps == 0
+            self.callback("on_after_backward")
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if cfg.gradient_clip_val:
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.gradient_clip_val)
+            elif log_now:
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            lrs = self.learning_rates() if log_now else None  # the lr this step used
+            self.schedulers.step_after_optimizer(state.global_step)
+
+            if log_now:
+                metrics = window.compute("train", self.reduce)
+                self.check_finite(metrics["train/loss"])
+                elapsed = time.perf_counter() - window_start
+                metrics["train/samples_per_sec"] = window.count / max(elapsed, 1e-9)
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                self.loggers.log_metrics({**metrics, **lrs}, state.global_step)
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix(
+                        loss=f"{metrics['train/loss']:.4f}",
+                        samples_s=f"{metrics['train/samples_per_sec']:.0f}",
+                    )
+                window.reset()
+                window_start = time.perf_counter()
+            if self.checkpointer.step_due(state.global_step):
+                self.checkpointer.save_step(self.checkpoint_state())
+            if self.stop_signal is not None:
+                break
+        metrics = epoch_metrics.compute("train", self.reduce)
+        self.check_finite(metrics["train/loss"])
+        return metrics
+
+    def check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {self.state.global_step}: lower optimizer.lr, set "
+                "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
+            )
+
+    def save_interrupted(self) -> None:
+        if self.checkpointer.save_last:
+            self.checkpointer.save_step(self.checkpoint_state())
+            log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
+                        self.state.batch_in_epoch)  # fmt: skip
+        raise TrainingInterrupted(self.stop_signal)
+
+    def progress(self, iterable: Iterable, total: int, initial: int = 0, desc: str = "") -> Iterable:
+        if not self.cfg.progress_bar:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    # ---------------------------------------------------------------- evaluate
+    @torch.inference_mode()
+    def evaluate(self, stage: str, limit: int | float | None = None) -> dict[str, float]:
+        loader = self.loaders[stage]
+        model = self.forward_model
+        was_training = model.training
+        model.eval()
+        metrics = Metrics(self.device)
+        num_batches = limit_batches(limit, len(loader))
+        for x, y in self.progress(islice(loader, num_batches), total=num_batches, desc=stage):
+            with self.autocast():
+                logits = model(self.prepare(x))
+                loss = F.cross_entropy(logits, y)
+            metrics.update(loss, logits, y)
+        model.train(was_training)
+        return metrics.compute(stage, self.reduce)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)

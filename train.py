@@ -1,0 +1,17 @@
+"""Train a model: `python train.py [group=option ...] [key=value ...]`; `-m` runs a sweep. See README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+import lab  # noqa: F401  (registers the config resolvers)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from lab.train import main as train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
