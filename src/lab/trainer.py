@@ -216,6 +216,7 @@ class Trainer:
         with self.stop_signals():
             while state.epoch < cfg.max_epochs:
                 epoch_start = time.perf_counter()
+                self.callback("on_train_epoch_start")
                 train_metrics = self.train_epoch(train_loader, num_batches)
                 if self.stop_signal is not None:
                     self.save_interrupted()
@@ -245,6 +246,8 @@ class Trainer:
                 self.callback("on_validation_end", val_metrics)
                 if self.checkpointer.enabled:
                     self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
+                if self.stop_signal is not None:  # arrived during validation: the epoch is complete
+                    self.save_interrupted()
                 if patience and state.bad_epochs >= patience:
                     log.info("early stopping: %s has not improved for %d epochs", self.monitor, patience)
                     break
