@@ -90,8 +90,8 @@ def build_schedulers(
             args["total_steps"] = steps_per_epoch * max_epochs
         main = instantiate(args)(optimizer)
     warmup = None
-    if warmup_steps:
+    if warmup_steps:  # lr x (step + 1) / warmup_steps for the first warmup_steps steps
         warmup = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps
+            optimizer, start_factor=1 / warmup_steps, total_iters=max(warmup_steps - 1, 1)
         )
     return Schedulers(main, warmup, interval, warmup_steps, cfg.get("monitor"))
