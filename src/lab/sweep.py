@@ -163,7 +163,8 @@ def counts(jobs: list[Job]) -> str:
     for job in jobs:
         statuses[job.status] = statuses.get(job.status, 0) + 1
     order = sorted(statuses, key=lambda status: (status != SUCCESS, status))
-    return f"{len(jobs)} jobs: " + ", ".join(f"{statuses[status]} {status}" for status in order)
+    noun = "job" if len(jobs) == 1 else "jobs"
+    return f"{len(jobs)} {noun}: " + ", ".join(f"{statuses[status]} {status}" for status in order)
 
 
 def report(sweep_dir: Path, jobs: list[Job]) -> str:
