@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -196,7 +197,7 @@ def test_slurm_launcher_composes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     # launcher would submit, with the parameters mapped as SlurmLauncher.launch maps them.
     (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")
     (tmp_path / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     params = dict(launcher.params)
     executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "submitit"),
                                      slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
