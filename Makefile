@@ -40,6 +40,9 @@ format: install ## ruff autofix + format
 tensorboard: install ## serve TensorBoard on outputs/
 	$(BIN)/tensorboard --logdir outputs
 
+sweep: install ## hyper-parameter sweep: SWEEP=grid|optuna (conf/sweep/), ARGS="hydra/launcher=parallel ..."
+	$(BIN)/python train.py -m sweep=$(SWEEP) $(ARGS)
+
 clean: ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

@@ -1,0 +1,208 @@
+"""Sweep summary: one row per job of a multirun, best first, in `summary.csv` and `summary.md` of the sweep dir.
+
+`SweepSummary` is a Hydra callback (`hydra.callbacks` in conf/hydra/default.yaml): it updates the summary after
+each job (so a long or interrupted sweep has one so far) and writes and prints it when the multirun ends;
+`python -m lab.sweep_summary <sweep dir>` rebuilds it, e.g. for a sweep stopped with Ctrl-C. Everything is read
+back from the job dirs (`metrics.json`, `.hydra/`), so the summary is the same however the jobs were launched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+SUCCESS = "success"
+INCOMPLETE = "incomplete"  # no metrics.json: crashed, killed or still running
+
+
+@dataclass
+class Job:
+    num: int | str
+    run_dir: Path
+    overrides: list[str]
+    status: str
+    monitor: str | None
+    mode: str | None
+    best: float | None  # best value of the monitor
+    test: float | None  # the monitor's test counterpart (val/acc → test/acc)
+    epochs: int | None
+    wall_time_s: float | None
+    checkpoint: Path | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS and self.best is not None and math.isfinite(self.best)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def read_job(run_dir: Path) -> Job:
+    """One job from what it left on disk; a missing or unreadable metrics.json means the job never finished."""
+    hydra_dir = run_dir / ".hydra"
+    overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml") or [])
+    config = OmegaConf.load(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else None
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    monitor = metrics.get("monitor") or _select(config, "checkpoint.monitor")
+    mode = metrics.get("mode") or _select(config, "checkpoint.mode")
+    test_key = f"test/{monitor.split('/', 1)[-1]}" if monitor else None
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    started = (hydra_dir / "config.yaml").stat().st_mtime if config is not None else None
+    wall = max(p.stat().st_mtime for p in files) - started if started is not None and files else None
+    checkpoints = (run_dir / "checkpoints" / name for name in ("best.pt", "last.pt"))
+    checkpoint = next((p for p in checkpoints if p.is_file()), None)
+    return Job(
+        num=int(run_dir.name) if run_dir.name.isdigit() else run_dir.name,
+        run_dir=run_dir,
+        overrides=[str(o) for o in overrides],
+        status=str(metrics.get("status", INCOMPLETE)),
+        monitor=monitor,
+        mode=mode,
+        best=_number(metrics.get("best")),
+        test=_number(metrics.get(test_key)) if test_key else None,
+        epochs=metrics.get("epochs"),
+        wall_time_s=round(wall, 1) if wall is not None else None,
+        checkpoint=checkpoint,
+    )
+
+
+def _select(config: DictConfig | None, key: str) -> str | None:
+    if config is None:
+        return None
+    value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+    return str(value) if value is not None else None
+
+
+def collect(sweep_dir: Path) -> list[Job]:
+    """Every job dir (a sub-folder with `.hydra/overrides.yaml`), best first; failed and unfinished ones last."""
+    runs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
+    jobs = [read_job(run) for run in runs]
+    sign = -1.0 if sweep_mode(jobs) == "max" else 1.0
+    by_num = sorted(
+        jobs, key=lambda j: (isinstance(j.num, str), j.num if isinstance(j.num, int) else 0, j.num)
+    )
+    # sorted() is stable: equal values and the failed jobs keep the job order.
+    return sorted(by_num, key=lambda j: (0, sign * j.best) if j.ok else (1, 0.0))
+
+
+def sweep_mode(jobs: list[Job]) -> str:
+    return next((j.mode for j in jobs if j.mode), "max")
+
+
+def swept(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
+    """The overrides all jobs share, and each job's own (what the sweep varied)."""
+    if len(jobs) < 2:
+        return [], [j.overrides for j in jobs]
+    common = [o for o in jobs[0].overrides if all(o in j.overrides for j in jobs[1:])]
+    return common, [[o for o in j.overrides if o not in common] for j in jobs]
+
+
+def write_summary(sweep_dir: Path) -> list[Job]:
+    """Write summary.csv and summary.md into `sweep_dir`; returns the jobs best first."""
+    jobs = collect(sweep_dir)
+    monitor = next((j.monitor for j in jobs if j.monitor), "val/acc")
+    test_key = f"test/{monitor.split('/', 1)[-1]}"
+    common, own = swept(jobs)
+    header = ["job", "status", "overrides", monitor, test_key, "epochs", "wall_time_s", "run_dir"]
+    rows = [
+        [j.num, j.status, " ".join(o), j.best, j.test, j.epochs, j.wall_time_s, j.run_dir]
+        for j, o in zip(jobs, own, strict=True)
+    ]
+
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    write_atomic(sweep_dir / "summary.csv", table.getvalue())
+
+    def cell(value: Any, column: str) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.1f}" if column == "wall_time_s" else f"{value:.4f}"
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        f"# Sweep {sweep_dir.name}",
+        "",
+        f"{counts(jobs)}; sorted by `{monitor}` ({sweep_mode(jobs)}), best first.",
+        "",
+        *([f"Overrides common to all jobs: `{' '.join(common)}`", ""] if common else []),
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(cell(v, c) for v, c in zip(row, header, strict=True)) + " |" for row in rows),
+    ]
+    write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    return jobs
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Parallel jobs (joblib, SLURM) each rewrite the summary when they end: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def counts(jobs: list[Job]) -> str:
+    statuses: dict[str, int] = {}
+    for job in jobs:
+        statuses[job.status] = statuses.get(job.status, 0) + 1
+    order = sorted(statuses, key=lambda status: (status != SUCCESS, status))
+    noun = "job" if len(jobs) == 1 else "jobs"
+    return f"{len(jobs)} {noun}: " + ", ".join(f"{statuses[status]} {status}" for status in order)
+
+
+def report(sweep_dir: Path, jobs: list[Job]) -> str:
+    """What the console shows: where the summary is, and how to get the best job back."""
+    lines = [f"sweep summary ({counts(jobs)}): {sweep_dir / 'summary.md'}"]
+    best = next((j for j in jobs if j.ok), None)
+    if best is None:
+        lines.append("no job succeeded")
+    else:
+        test = f"  test={best.test:.4f}" if best.test is not None else ""
+        lines += [
+            f"best: job {best.num}  {best.monitor}={best.best:.4f}{test}",
+            f"  overrides: {' '.join(best.overrides)}",
+            f"  checkpoint: {best.checkpoint or '(none saved)'}",
+        ]
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """Updates the summary after each job; at the end prints the best job and exits 1 when no job succeeded."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return  # a single run
+        try:
+            write_summary(Path(config.hydra.sweep.dir))
+        except Exception as e:  # a summary so far is a convenience: never fail the job over it
+            print(f"warning: sweep summary not updated ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            jobs = write_summary(sweep_dir)
+        except Exception as e:  # the jobs are done and saved: a summary problem must not hide that
+            print(f"warning: no sweep summary ({type(e).__name__}: {e}); "
+                  f"rebuild it with `python -m lab.sweep_summary {sweep_dir}`", file=sys.stderr)  # fmt: skip
+            return
+        print(report(sweep_dir, jobs), flush=True)
+        if jobs and not any(j.ok for j in jobs):
+            print(f"error: every job of the sweep failed ({sweep_dir}): see their train.log", file=sys.stderr)
+            sys.exit(1)

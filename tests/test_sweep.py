@@ -1,0 +1,211 @@
+"""Sweeps through the real CLI (`python train.py -m ...`): job dirs, the summary, failures, a resumable Optuna study
+in SQLite, and the launcher configs (composed; SLURM itself cannot run here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT, cli_env
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lab import sweep_summary
+
+# One epoch of two batches per job, checkpoints and TensorBoard on.
+TINY_JOB = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
+
+
+def multirun(sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python train.py -m hydra.sweep.dir=<sweep_dir> <tiny job> <overrides>` (`-m` must come first)."""
+    args = [
+        "-m",
+        "trainer.progress_bar=false",
+        "print_config=false",
+        f"hydra.sweep.dir={sweep_dir}",
+        *TINY_JOB,
+    ]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, *overrides], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def read_csv(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_of(row: dict[str, str]) -> dict:
+    return json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
+    return sweep_dir, multirun(sweep_dir, "optimizer.lr=1e-3,1e-2", "data.batch_size=32,64")
+
+
+def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess]) -> None:
+    sweep_dir, proc = grid
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    # Every job logs into the sweep dir, so `tensorboard --logdir <sweep dir>` compares them (HParams tab).
+    for job in range(4):
+        assert list((sweep_dir / str(job) / "tensorboard").glob("events.out.tfevents.*"))
+
+    rows = read_csv(sweep_dir)
+    assert len(rows) == 4 and list(rows[0]) == [
+        "job", "status", "overrides", "val/acc", "test/acc", "epochs", "wall_time_s", "run_dir"]  # fmt: skip
+    assert sorted(int(r["job"]) for r in rows) == [0, 1, 2, 3]
+    for row in rows:
+        metrics = metrics_of(row)
+        assert row["status"] == "success" == metrics["status"]
+        assert float(row["val/acc"]) == metrics["best"] and float(row["test/acc"]) == metrics["test/acc"]
+        assert int(row["epochs"]) == metrics["epochs"] == 1 and float(row["wall_time_s"]) >= 0
+        assert Path(row["run_dir"]) == sweep_dir / row["job"]
+        # Only what the sweep varied; the shared overrides are listed once in summary.md.
+        assert sorted(o.split("=")[0] for o in row["overrides"].split()) == [
+            "data.batch_size",
+            "optimizer.lr",
+        ]
+    values = [float(r["val/acc"]) for r in rows]
+    assert values == sorted(values, reverse=True)  # checkpoint.mode=max: best first
+
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert markdown.count("| success |") == 4 and "trainer.max_epochs=1" in markdown
+    best = rows[0]
+    assert f"best: job {best['job']}  val/acc={float(best['val/acc']):.4f}" in proc.stdout
+    checkpoint = sweep_dir / best["job"] / "checkpoints" / "best.pt"
+    assert checkpoint.is_file() and f"checkpoint: {checkpoint}" in proc.stdout
+
+
+def test_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    proc = multirun(tmp_path, "optimizer.lr=-1,1e-3", "logger=none", "checkpoint=none")
+    assert proc.returncode == 0
+    assert "error: must be a number > 0, got -1 (optimizer.lr)" in proc.stderr
+    failed, ok = sorted(read_csv(tmp_path), key=lambda r: r["job"])
+    assert (failed["status"], failed["val/acc"], failed["overrides"]) == ("failed", "", "optimizer.lr=-1")
+    assert ok["status"] == "success" and float(ok["val/acc"]) == metrics_of(ok)["best"]
+    assert [r["job"] for r in read_csv(tmp_path)] == ["1", "0"]  # failed jobs last
+    assert "1 success, 1 failed" in (tmp_path / "summary.md").read_text()
+
+
+def optuna_trials(sweep_dir: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(sweep_dir / "optuna.db") as db:
+        return db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+
+
+def test_optuna_study_in_sqlite_resumes(tmp_path: Path) -> None:
+    import optuna
+
+    optuna_args = ["sweep=optuna", "logger=none", "checkpoint=none", "task_name=study"]
+    multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=2")
+    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE")]
+    rows = read_csv(tmp_path)
+    assert sorted(r["job"] for r in rows) == ["0", "1"]
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    for row in rows:  # job N is trial N, and the study holds what the job returned
+        trial = study.trials[int(row["job"])]
+        assert trial.value == float(row["val/acc"]) == metrics_of(row)["best"]
+        assert f"optimizer.lr={trial.params['optimizer.lr']}" in row["overrides"]
+    first_job = (tmp_path / "0" / "metrics.json").read_text()
+
+    # An interrupted sweep leaves its current trial RUNNING (here: asked, never told).
+    study.ask()
+    proc = multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=4")
+    assert "trial 2 was left running" in proc.stdout
+    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "COMPLETE")]
+    assert (tmp_path / "3" / "metrics.json").is_file()
+    assert (tmp_path / "0" / "metrics.json").read_text() == first_job  # old trials' dirs untouched
+    assert sorted(r["job"] for r in read_csv(tmp_path)) == ["0", "1", "3"]
+
+
+def test_optuna_failed_trials_and_exit_code(tmp_path: Path) -> None:
+    # Every trial fails validation → NaN → Optuna FAIL; the sweep ends with a summary and exit code 1.
+    proc = multirun(tmp_path, "sweep=optuna", "hydra.sweeper.n_trials=2", "optimizer.lr=-1", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert optuna_trials(tmp_path) == [(0, "FAIL"), (1, "FAIL")]
+    assert [r["status"] for r in read_csv(tmp_path)] == ["failed", "failed"]
+    assert "error: every job of the sweep failed" in proc.stderr
+
+
+def test_sweep_summary_cli_rebuilds(grid: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, capsys):
+    sweep_dir = tmp_path / "copy"
+    shutil.copytree(grid[0], sweep_dir)
+    original = (sweep_dir / "summary.csv").read_text().replace(str(grid[0]), str(sweep_dir))
+    for name in ("summary.csv", "summary.md"):
+        (sweep_dir / name).unlink()
+    assert sweep_summary.main([str(sweep_dir)]) == 0
+    assert (sweep_dir / "summary.csv").read_text() == original and (sweep_dir / "summary.md").is_file()
+    assert "best: job" in capsys.readouterr().out
+
+    # A job that never wrote metrics.json (crashed, killed) is listed as incomplete, after the finished ones.
+    (sweep_dir / "2" / "metrics.json").unlink()
+    assert sweep_summary.main([str(sweep_dir)]) == 0
+    rows = read_csv(sweep_dir)
+    assert (rows[-1]["job"], rows[-1]["status"], rows[-1]["val/acc"]) == ("2", "incomplete", "")
+
+    assert sweep_summary.main([str(tmp_path / "missing")]) == 2
+    assert "error: no such folder" in capsys.readouterr().err
+
+
+def compose_hydra(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            "train", overrides=["hydra.sweep.dir=/tmp/sweep", *overrides], return_hydra_config=True
+        )
+
+
+def test_sweep_presets_compose() -> None:
+    grid = compose_hydra("sweep=grid").hydra.sweeper
+    assert grid.params["optimizer.lr"] == "3e-4,1e-3,3e-3"
+    optuna = compose_hydra("sweep=optuna").hydra.sweeper
+    assert optuna.direction == "maximize" and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
+    assert optuna.sampler._target_ == "optuna.samplers.TPESampler"
+    assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "data.batch_size",
+                                  "model.dropout"}  # fmt: skip
+    minimize = compose_hydra("sweep=optuna", "checkpoint.monitor=val/loss", "checkpoint.mode=min")
+    assert minimize.hydra.sweeper.direction == "minimize"
+    assert compose_hydra("sweep=grid").hydra.callbacks.sweep_summary._target_ == "lab.sweep.SweepSummary"
+
+
+def test_parallel_launcher_composes() -> None:
+    launcher = instantiate(compose_hydra("hydra/launcher=parallel", "hydra.launcher.n_jobs=3").hydra.launcher)
+    assert type(launcher).__name__ == "JoblibLauncher" and launcher.joblib["n_jobs"] == 3
+
+
+def test_slurm_launcher_composes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import submitit
+
+    cfg = compose_hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+                        "hydra.launcher.timeout_min=240", "hydra.launcher.cpus_per_task=16")  # fmt: skip
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    # No SLURM here: a fake `srun` on PATH lets submitit build its executor, then we read the sbatch script the
+    # launcher would submit, with the parameters mapped as SlurmLauncher.launch maps them.
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    params = dict(launcher.params)
+    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "submitit"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
+    params.pop("submitit_folder")
+    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+            "stderr_to_stdout"}  # fmt: skip
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python train.py", "0")
+    for line in ("--partition=gpu", "--gpus-per-node=4", "--time=240", "--cpus-per-task=16", "--mem=32GB"):
+        assert f"#SBATCH {line}\n" in script
+    assert OmegaConf.select(cfg, "hydra.launcher.submitit_folder") == "/tmp/sweep/.submitit/%j"
