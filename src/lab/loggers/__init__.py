@@ -105,9 +105,22 @@ class LoggerFanOut:
 
 def build_loggers(cfg: DictConfig | None) -> LoggerFanOut:
     """`cfg.logger` maps a name to a `_target_` config, e.g. `{tensorboard: {...}, csv: {...}}`."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return LoggerFanOut({name: instantiate(conf) for name, conf in (cfg or {}).items() if conf is not None})
+    from lab.errors import UserError
+
+    loggers = {}
+    for name, conf in (cfg or {}).items():
+        if conf is None:
+            continue
+        try:
+            loggers[name] = instantiate(conf)
+        except InstantiationException as e:  # a backend's own check (bad option, missing package): one line
+            if isinstance(e.__cause__, UserError):
+                raise e.__cause__ from None
+            raise
+    return LoggerFanOut(loggers)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
