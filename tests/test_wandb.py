@@ -124,6 +124,18 @@ def test_no_api_key_no_mode_goes_offline_without_prompting(tmp_path: Path) -> No
     assert "train/loss" in set().union(*read_run(path)["history"])
 
 
+def test_key_but_no_network_falls_back_to_offline(tmp_path: Path) -> None:
+    """A key is set but the W&B server cannot be reached (simulated: a closed local port instead of the internet)."""
+    env = {k: v for k, v in cli_env().items() if k != "WANDB_MODE"}
+    env |= {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "debug=fast", "logger=wandb", "logger.wandb.init_timeout=5", env=env, timeout=180)
+    log = (run_dir / "train.log").read_text()
+    assert "W&B online start failed" in log and "wandb sync" in log
+    [path] = offline_runs(run_dir)
+    assert "train/loss" in set().union(*read_run(path)["history"])
+
+
 def test_resume_continues_the_same_wandb_run(tmp_outputs: Path) -> None:
     first, second = tmp_outputs / "first", tmp_outputs / "second"
     run_train(first, "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
