@@ -111,11 +111,14 @@ class WandbLogger(Logger):
     @property
     def run(self):
         if self._run is None:
-            self._run = self._init()
-            self.id = self._run.id
-            for metric, how in self.summary.items():  # e.g. val/acc: max → summary holds the best value
-                self._run.define_metric(metric, summary=how)
+            self.start()
         return self._run
+
+    def start(self) -> None:
+        self._run = self._init()
+        self.id = self._run.id
+        for metric, how in self.summary.items():  # e.g. val/acc: max → summary holds the best value
+            self._run.define_metric(metric, summary=how)
 
     def _init(self):
         wandb = self.wandb
@@ -150,10 +153,10 @@ class WandbLogger(Logger):
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
-        if self._run is not None:
-            self._run.config.update(self.config, allow_val_change=True)
+        if self._run is None:
+            self.start()  # now, so the config goes in with wandb.init
         else:
-            self.run  # noqa: B018  (start the run now, with the config)
+            self._run.config.update(self.config, allow_val_change=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
