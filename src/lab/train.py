@@ -93,6 +93,7 @@ def run(cfg: DictConfig) -> float:
     from lab import checkpoint as ckpt
     from lab.data import build_data, build_loaders
     from lab.loggers import build_loggers, flatten
+    from lab.monitor import build_monitor
     from lab.optim import build_optimizer, build_schedulers
     from lab.runtime import resolve_device, run_info, seed_everything
     from lab.trainer import Trainer
@@ -133,6 +134,7 @@ def run(cfg: DictConfig) -> float:
         cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "loggers": loggers.state_dict()},
+        callbacks=build_monitor(cfg.get("monitor"), cfg.data, splits.class_names),
     )  # fmt: skip
     if resume is not None and cfg.train:
         trainer.load_checkpoint_state(resume)
@@ -146,6 +148,8 @@ def run(cfg: DictConfig) -> float:
 
     status = "failed"
     try:
+        loggers.log_config(config)
+        loggers.watch(model)
         loggers.log_text("config", OmegaConf.to_yaml(config))
         loggers.log_text("model_summary", summary)
         if cfg.train:

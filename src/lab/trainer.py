@@ -68,21 +68,30 @@ class Metrics:
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.correct_top5 = torch.zeros((), device=self.device, dtype=torch.long)
+        self.top5 = False  # reported when there are more than 5 classes
         self.count = 0
 
     @torch.no_grad()
     def update(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
         self.loss += loss.detach() * len(targets)
         self.correct += (logits.argmax(1) == targets).sum()
+        if logits.shape[1] > 5:
+            self.top5 = True
+            self.correct_top5 += (logits.topk(5, 1).indices == targets[:, None]).any(1).sum()
         self.count += len(targets)
 
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-        values = torch.stack([self.loss.float(), self.correct.float(), torch.tensor(float(self.count))])
+        count = torch.tensor(float(self.count), device=self.device)
+        values = torch.stack([self.loss.float(), self.correct.float(), count, self.correct_top5.float()])
         if reduce is not None:  # all-reduce across ranks under DDP
             values = reduce(values)
-        loss, correct, count = values.tolist()
+        loss, correct, count, correct_top5 = values.tolist()
         count = max(count, 1.0)
-        return {f"{stage}/loss": loss / count, f"{stage}/acc": correct / count}
+        metrics = {f"{stage}/loss": loss / count, f"{stage}/acc": correct / count}
+        if self.top5:
+            metrics[f"{stage}/acc_top5"] = correct_top5 / count
+        return metrics
 
 
 class Trainer:

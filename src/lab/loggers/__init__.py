@@ -7,9 +7,12 @@ methods it supports; the others do nothing for it (CSV has no place for text, sa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 class Logger:
@@ -21,6 +24,35 @@ class Logger:
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         """Free text: the resolved config as YAML, the model summary."""
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """The resolved config as a plain dict, once before training (W&B's run config)."""
+
+    # Media: a backend without a place for one of these ignores it.
+    def log_figure(self, tag: str, figure: Any, step: int) -> None:
+        """A matplotlib figure (closed afterwards by the caller)."""
+
+    def log_images(self, tag: str, images: Tensor, step: int) -> None:
+        """A batch of images (N, C, H, W) with values in [0, 1], shown as one grid."""
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        """The distribution of a tensor's values (weights, gradients)."""
+
+    def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
+        """The model's graph, traced on `example_input`."""
+
+    def log_pr_curves(
+        self, tag: str, targets: Tensor, probs: Tensor, class_names: list[str], step: int
+    ) -> None:
+        """One precision-recall curve per class, from integer `targets` (N,) and softmax `probs` (N, classes)."""
+
+    def log_embedding(
+        self, tag: str, features: Tensor, labels: list[str], images: Tensor | None, step: int
+    ) -> None:
+        """Points for an embedding projector: `features` (N, D) with a label and a thumbnail (N, C, H, W) each."""
+
+    def watch(self, model: nn.Module) -> None:
+        """Let the backend hook into the model (W&B's gradient/parameter histograms)."""
 
     def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
         """Called before anything is logged when training resumes from a checkpoint at `global_step`."""
@@ -73,9 +105,22 @@ class LoggerFanOut:
 
 def build_loggers(cfg: DictConfig | None) -> LoggerFanOut:
     """`cfg.logger` maps a name to a `_target_` config, e.g. `{tensorboard: {...}, csv: {...}}`."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return LoggerFanOut({name: instantiate(conf) for name, conf in (cfg or {}).items() if conf is not None})
+    from lab.errors import UserError
+
+    loggers = {}
+    for name, conf in (cfg or {}).items():
+        if conf is None:
+            continue
+        try:
+            loggers[name] = instantiate(conf)
+        except InstantiationException as e:  # a backend's own check (bad option, missing package): one line
+            if isinstance(e.__cause__, UserError):
+                raise e.__cause__ from None
+            raise
+    return LoggerFanOut(loggers)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.loggers import Logger
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 class TensorBoardLogger(Logger):
@@ -42,6 +45,31 @@ class TensorBoardLogger(Logger):
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Markdown: indent by four spaces so YAML and tables render as code.
         self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def log_figure(self, tag: str, figure: Any, step: int) -> None:
+        self.writer.add_figure(tag, figure, step, close=False)
+
+    def log_images(self, tag: str, images: Tensor, step: int) -> None:
+        self.writer.add_images(tag, images.detach().float().cpu(), step)  # a grid in one image
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
+        self.writer.add_graph(model, example_input)
+
+    def log_pr_curves(
+        self, tag: str, targets: Tensor, probs: Tensor, class_names: list[str], step: int
+    ) -> None:
+        targets, probs = targets.cpu(), probs.float().cpu()
+        for index, name in enumerate(class_names):
+            self.writer.add_pr_curve(f"{tag}/{name}", targets == index, probs[:, index], step)
+
+    def log_embedding(
+        self, tag: str, features: Tensor, labels: list[str], images: Tensor | None, step: int
+    ) -> None:
+        label_img = images.float().cpu() if images is not None else None
+        self.writer.add_embedding(features.float().cpu(), labels, label_img, step, tag)
 
     def close(self, status: str = "success") -> None:
         if self._writer is not None:

@@ -1,0 +1,238 @@
+"""Weights & Biases: one W&B run per training job, files under `<run dir>/wandb/`.
+
+`import wandb` happens here only, when `logger=wandb` (or `many`) is chosen. The run starts on first use, after
+`resume()` has had the chance to hand over the id of the interrupted run, so that a resumed job continues it.
+Without an API key (no `WANDB_API_KEY`, no `~/.netrc` entry) and with no mode forced, the run is offline and one
+line says how to upload it later; an online start that fails (no network) also falls back to offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from lab.errors import UserError
+from lab.loggers import Logger
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+
+
+def has_api_key() -> bool:
+    """What `wandb login` would find: the environment variable or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def default_name() -> str | None:
+    """The Hydra job name plus its overrides, e.g. `train:model=mlp,optimizer.lr=0.01`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    job = HydraConfig.get().job
+    return f"{job.name}:{job.override_dirname}" if job.override_dirname else job.name
+
+
+def default_group() -> str | None:
+    """The sweep folder's name in a multirun, so a sweep's jobs show up together."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+class WandbLogger(Logger):
+    def __init__(
+        self,
+        save_dir: str,
+        project: str = "lab",
+        entity: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        notes: str | None = None,
+        mode: str | None = None,
+        watch: Mapping[str, Any] | None = None,
+        log_checkpoints: bool | str = False,
+        checkpoint_dir: str | None = None,
+        init_timeout: float = 20.0,
+        summary: Mapping[str, str] | None = None,
+    ) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise UserError(
+                "wandb is not installed", "logger", "pip install wandb (or `pip install -e .[wandb]`)"
+            ) from e
+        if mode is not None and mode not in MODES:
+            raise UserError(
+                f"unknown W&B mode {mode!r}", "logger.wandb.mode", f"use one of {', '.join(MODES)} or null"
+            )
+        if log_checkpoints not in (True, False, "all"):
+            raise UserError(
+                f"got {log_checkpoints!r}", "logger.wandb.log_checkpoints", "use true, false or all"
+            )
+        self.wandb = wandb
+        self.save_dir = Path(save_dir)
+        self.init_kwargs = {
+            "project": project,
+            "entity": entity,
+            "name": name or default_name(),
+            "group": group or default_group(),
+            "tags": list(tags or []),
+            "notes": notes,
+        }
+        self.mode, self.init_timeout = mode, init_timeout
+        self.watch_cfg = dict(watch or {})
+        self.log_checkpoints, self.checkpoint_dir = log_checkpoints, checkpoint_dir
+        self.summary = dict(summary or {})
+        self.config: dict[str, Any] = {}
+        self.id: str | None = None
+        self._run = None
+
+    # ------------------------------------------------------------ the run
+    @property
+    def run(self):
+        if self._run is None:
+            self.start()
+        return self._run
+
+    def start(self) -> None:
+        self._run = self._init()
+        self.id = self._run.id
+        for metric, how in self.summary.items():  # e.g. val/acc: max → summary holds the best value
+            self._run.define_metric(metric, summary=how)
+
+    def _init(self):
+        wandb = self.wandb
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        kwargs = dict(
+            self.init_kwargs, dir=str(self.save_dir), config=self.config, id=self.id, resume="allow"
+        )
+        settings = wandb.Settings(init_timeout=self.init_timeout, console="off")
+        mode = self.mode or os.environ.get("WANDB_MODE")
+        if mode is None and not has_api_key():
+            mode = "offline"
+            self._say_offline("no W&B API key found (WANDB_API_KEY or ~/.netrc)")
+        if mode is not None:
+            return wandb.init(**kwargs, mode=mode, settings=settings)
+        try:
+            return wandb.init(**kwargs, settings=settings)
+        except Exception as e:  # CommError/UsageError/timeouts: no network, bad key, server down
+            self._say_offline(f"W&B online start failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            return wandb.init(**kwargs, mode="offline", settings=settings)
+
+    def _say_offline(self, why: str) -> None:
+        log.warning(
+            "%s: logging offline; upload later with `wandb sync %s/wandb/offline-run-*`", why, self.save_dir
+        )
+
+    # ------------------------------------------------------------ Logger
+    def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
+        self.id = state.get("id") or self.id  # same run id → W&B continues the run (resume="allow")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"id": self.id} if self.id else {}
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        if self._run is None:
+            self.start()  # now, so the config goes in with wandb.init
+        else:
+            self._run.config.update(self.config, allow_val_change=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        # The config is already the run's config; the final metrics go to the summary, next to best/last values.
+        self.run.summary.update(dict(metrics))
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        # No step: attached to the next logged step (a resumed run's history is already past `step`).
+        self.run.log({tag: self.wandb.Html(f"<pre>{_escape(text)}</pre>")}, commit=False)
+
+    def log_figure(self, tag: str, figure: Any, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(figure)}, step=step)
+
+    def log_images(self, tag: str, images: Tensor, step: int) -> None:
+        self.run.log({tag: [self.wandb.Image(image) for image in images.detach().float().cpu()]}, step=step)
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        self.run.log({tag: self.wandb.Histogram(values.detach().float().cpu().numpy())}, step=step)
+
+    def log_pr_curves(
+        self, tag: str, targets: Tensor, probs: Tensor, class_names: list[str], step: int
+    ) -> None:
+        # wandb.plot.pr_curve needs pandas; the same chart from a table built here does not.
+        from sklearn.metrics import precision_recall_curve
+
+        targets, probs = targets.cpu().numpy(), probs.float().cpu().numpy()
+        table = self.wandb.Table(columns=["class", "recall", "precision"])
+        for index, name in enumerate(class_names):
+            if not (targets == index).any():
+                continue
+            precision, recall, _ = precision_recall_curve(targets == index, probs[:, index])
+            keep = range(0, len(recall), max(1, len(recall) // 100))  # at most ~100 points per class
+            for i in keep:
+                table.add_data(name, round(float(recall[i]), 4), round(float(precision[i]), 4))
+        fields = {"x": "recall", "y": "precision", "class": "class"}
+        titles = {"title": tag, "x-axis-title": "Recall", "y-axis-title": "Precision"}
+        chart = self.wandb.plot_table("wandb/area-under-curve/v0", table, fields, titles)
+        self.run.log({tag: chart}, step=step)
+
+    def log_embedding(
+        self, tag: str, features: Tensor, labels: list[str], images: Tensor | None, step: int
+    ) -> None:
+        # A table with one row per point: W&B's embedding projector panel works on its numeric columns.
+        features = features.float().cpu()
+        columns = ["label", "image", *(f"f{i}" for i in range(features.shape[1]))]
+        table = self.wandb.Table(columns=columns)
+        for i, row in enumerate(features.tolist()):
+            image = self.wandb.Image(images[i].float().cpu()) if images is not None else None
+            table.add_data(labels[i], image, *row)
+        self.run.log({tag: table}, step=step)
+
+    def watch(self, model: nn.Module) -> None:
+        if self.watch_cfg.get("log"):
+            self.run.watch(
+                model, log=self.watch_cfg["log"], log_freq=int(self.watch_cfg.get("log_freq", 100))
+            )
+
+    def close(self, status: str = "success") -> None:
+        if self._run is None:
+            return
+        if status == "success" and self.log_checkpoints and self.checkpoint_dir:
+            self._log_checkpoints()
+        self._run.finish(exit_code=0 if status == "success" else 1)
+        self._run = None  # a multirun's next job starts its own run
+
+    def _log_checkpoints(self) -> None:
+        files = {"best.pt": ["best"]} | ({"last.pt": ["last"]} if self.log_checkpoints == "all" else {})
+        for file, aliases in files.items():
+            path = Path(self.checkpoint_dir) / file
+            if path.is_file():
+                artifact = self.wandb.Artifact(f"model-{self.id}", type="model", metadata={"file": file})
+                artifact.add_file(str(path))
+                self._run.log_artifact(artifact, aliases=aliases)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -1,0 +1,220 @@
+"""What is logged besides the scalars, driven by `conf/monitor/*.yaml`: a callback on the Trainer's hooks.
+
+Model graph and a grid of training images once at the start; weight/gradient histograms every N steps; a
+"predictions vs. actuals" figure on a fixed validation batch every N epochs; a confusion matrix and per-class
+precision-recall curves on val/test; an embedding projector of penultimate features at the end. Everything goes to
+the logger fan-out (each backend shows what it can), and nothing runs when there is no logger. matplotlib is
+imported only when a figure is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from itertools import islice
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from lab.trainer import limit_batches
+
+log = logging.getLogger(__name__)
+
+
+def due(every: int | None, count: int) -> bool:
+    return bool(every) and count % every == 0
+
+
+class Monitor:
+    def __init__(
+        self, cfg: DictConfig, class_names: Sequence[str], mean: Sequence[float], std: Sequence[float]
+    ):
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        self.fixed_batch: tuple[Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------ helpers
+    def images(self, x: Tensor) -> Tensor:
+        """Normalised model inputs → displayable images in [0, 1] on the CPU."""
+        x = x.detach().float().cpu()
+        return (x * self.std + self.mean).clamp_(0, 1)
+
+    def first_samples(self, trainer: Any, stage: str, count: int) -> tuple[Tensor, Tensor]:
+        """The first `count` samples of a split, without touching the global RNG (runs stay reproducible)."""
+        xs, ys, n = [], [], 0
+        with torch.random.fork_rng(devices=[]):
+            for x, y in trainer.loaders[stage]:
+                xs.append(x[: count - n])
+                ys.append(y[: count - n])
+                n += len(xs[-1])
+                if n >= count:
+                    break
+        return torch.cat(xs), torch.cat(ys)
+
+    @torch.inference_mode()
+    def predict(self, trainer: Any, stage: str) -> tuple[Tensor, Tensor]:
+        """Softmax probabilities and targets over a split (as far as `trainer.limit_<stage>_batches` goes)."""
+        model, loader = trainer.forward_model, trainer.loaders[stage]
+        was_training = model.training
+        model.eval()
+        num_batches = limit_batches(trainer.cfg.get(f"limit_{stage}_batches"), len(loader))
+        probs, targets = [], []
+        for x, y in islice(loader, num_batches):
+            with trainer.autocast():
+                probs.append(model(trainer.prepare(x)).float().softmax(1))
+            targets.append(y)
+        model.train(was_training)
+        return torch.cat(probs).cpu(), torch.cat(targets).cpu()
+
+    # ------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: Any) -> None:
+        cfg, loggers, step = self.cfg, trainer.loggers, trainer.state.global_step
+        if not loggers:
+            return
+        if cfg.predictions.enabled or cfg.graph:
+            self.fixed_batch = self.first_samples(trainer, "val", max(cfg.predictions.count, 1))
+        if cfg.graph:
+            was_training = trainer.model.training
+            trainer.model.eval()
+            try:
+                loggers.log_graph(trainer.model, trainer.prepare(self.fixed_batch[0][:1]))
+            except Exception as e:  # tracing fails for some models: a missing graph must not stop training
+                log.warning("model graph not logged (%s: %s)", type(e).__name__, e)
+            trainer.model.train(was_training)
+        if cfg.train_images.enabled:
+            x, _ = self.first_samples(trainer, "train", cfg.train_images.count)
+            loggers.log_images("train/images", self.images(x), step)
+
+    def on_after_backward(self, trainer: Any) -> None:
+        step = trainer.state.global_step + 1  # the optimizer step about to be taken, as in log_metrics
+        if (
+            not trainer.loggers
+            or not self.cfg.histograms.enabled
+            or not due(self.cfg.histograms.every_n_steps, step)
+        ):
+            return
+        for name, param in trainer.model.named_parameters():
+            trainer.loggers.log_histogram(f"weights/{name}", param, step)
+            if param.grad is not None:
+                trainer.loggers.log_histogram(f"grads/{name}", param.grad, step)
+
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        cfg, epoch = self.cfg, trainer.state.epoch
+        if not trainer.loggers:
+            return
+        if cfg.predictions.enabled and due(cfg.predictions.every_n_epochs, epoch):
+            self.log_predictions(trainer)
+        if (cfg.confusion_matrix.enabled and due(cfg.confusion_matrix.every_n_epochs, epoch)) or (
+            cfg.pr_curves.enabled and due(cfg.pr_curves.every_n_epochs, epoch)
+        ):
+            self.log_classification(trainer, "val", every_epoch=True)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if not trainer.loggers:
+            return
+        if self.cfg.confusion_matrix.enabled or self.cfg.pr_curves.enabled:
+            for stage in self.cfg.stages:
+                self.log_classification(trainer, stage, every_epoch=False)
+        if self.cfg.embedding.enabled:
+            self.log_embedding(trainer)
+
+    # ------------------------------------------------------------ what is logged
+    def log_predictions(self, trainer: Any) -> None:
+        x, y = self.fixed_batch
+        with torch.inference_mode():
+            was_training = trainer.model.training
+            trainer.model.eval()
+            with trainer.autocast():
+                preds = trainer.forward_model(trainer.prepare(x)).argmax(1).cpu()
+            trainer.model.train(was_training)
+        figure = predictions_figure(self.images(x), preds, y.cpu(), self.class_names)
+        trainer.loggers.log_figure("val/predictions", figure, trainer.state.global_step)
+
+    def log_classification(self, trainer: Any, stage: str, every_epoch: bool) -> None:
+        """Confusion matrix and PR curves of `stage`; per epoch only those whose `every_n_epochs` is due."""
+        cfg, epoch, step = self.cfg, trainer.state.epoch, trainer.state.global_step
+        probs, targets = self.predict(trainer, stage)
+        if cfg.confusion_matrix.enabled and (
+            not every_epoch or due(cfg.confusion_matrix.every_n_epochs, epoch)
+        ):
+            figure = confusion_figure(
+                confusion_matrix(probs.argmax(1), targets, len(self.class_names)), self.class_names
+            )
+            trainer.loggers.log_figure(f"{stage}/confusion_matrix", figure, step)
+        if cfg.pr_curves.enabled and (not every_epoch or due(cfg.pr_curves.every_n_epochs, epoch)):
+            trainer.loggers.log_pr_curves(f"{stage}/pr_curve", targets, probs, self.class_names, step)
+
+    def log_embedding(self, trainer: Any) -> None:
+        model = trainer.model
+        if not hasattr(model, "features"):
+            log.warning(
+                "embedding not logged: %s has no .features (input → penultimate vector)", type(model).__name__
+            )
+            return
+        x, y = self.first_samples(trainer, "val", self.cfg.embedding.count)
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode(), trainer.autocast():
+            features = model.features(trainer.prepare(x)).flatten(1).float()
+        model.train(was_training)
+        labels = [self.class_names[i] for i in y.tolist()]
+        trainer.loggers.log_embedding(
+            "val/features", features, labels, self.images(x), trainer.state.global_step
+        )
+
+
+def build_monitor(cfg: DictConfig | None, data_cfg: DictConfig, class_names: Sequence[str]) -> list[Monitor]:
+    """The Trainer's callbacks for `cfg.monitor` (none when the group is absent)."""
+    if cfg is None:
+        return []
+    return [Monitor(cfg, class_names, data_cfg.mean, data_cfg.std)]
+
+
+def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """Rows: true class, columns: predicted class."""
+    index = targets.long() * num_classes + preds.long()
+    return torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def predictions_figure(images: Tensor, preds: Tensor, targets: Tensor, class_names: Sequence[str]) -> Any:
+    """A grid of images titled with the predicted class (true class below): green when right, red when wrong."""
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    figure = Figure(figsize=(1.6 * cols, 1.9 * rows), layout="constrained")
+    for i, ax in enumerate(figure.subplots(rows, cols, squeeze=False).flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        right = int(preds[i]) == int(targets[i])
+        pred, true = class_names[int(preds[i])][:12], class_names[int(targets[i])][:12]
+        ax.set_title(f"{pred}\n(true: {true})", color="green" if right else "red", fontsize=8)
+    return figure
+
+
+def confusion_figure(matrix: Tensor, class_names: Sequence[str]) -> Any:
+    from matplotlib.figure import Figure
+
+    n = len(class_names)
+    size = min(max(4.0, 0.45 * n + 2), 20.0)
+    figure = Figure(figsize=(size, size), layout="constrained")
+    ax = figure.subplots()
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
+    ax.set_xticklabels([c[:12] for c in class_names], rotation=90, fontsize=7)
+    ax.set_yticklabels([c[:12] for c in class_names], fontsize=7)
+    if n <= 20:  # the counts in the cells while they are readable
+        threshold = matrix.max().item() / 2
+        for i, row in enumerate(matrix.tolist()):
+            for j, value in enumerate(row):
+                color = "white" if value > threshold else "black"
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
+    return figure

@@ -1,0 +1,96 @@
+"""Everything `conf/monitor` turns on, read back from the TensorBoard event files of a real training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lab.monitor import confusion_matrix, predictions_figure
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(
+        str(log_dir), size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0}
+    )
+    return acc.Reload()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("monitor") / "run"
+    run_train(
+        run_dir, *TINY, "monitor=full", "monitor.histograms.every_n_steps=2", "monitor.embedding.count=40"
+    )
+    return run_dir
+
+
+def test_media_of_a_full_run(full_run: Path) -> None:
+    acc = events(full_run / "tensorboard")
+    tags = acc.Tags()
+    # Model graph, once.
+    assert tags["graph"] and any("Conv2d" in node.name for node in acc.Graph().node)
+    # Image grid of a training batch once; a predictions figure per epoch; confusion matrices on val and test.
+    assert len(acc.Images("train/images")) == 1
+    assert [e.step for e in acc.Images("val/predictions")] == [4, 8]  # 2 epochs of 4 steps
+    assert len(acc.Images("val/confusion_matrix")) == 2 + 1  # each epoch, then at the end
+    assert len(acc.Images("test/confusion_matrix")) == 1
+    # Histograms of every parameter and its gradient, every 2 steps over 8 steps.
+    assert {e.step for e in acc.Histograms("weights/features.0.0.weight")} == {2, 4, 6, 8}
+    assert len(acc.Histograms("grads/head.1.weight")) == 4
+    # One PR curve per class (digits: 10) on val and test.
+    pr = acc.PluginTagToContent("pr_curves")
+    assert {f"val/pr_curve/{c}" for c in range(10)} <= set(pr) and "test/pr_curve/9" in pr
+    # Text: resolved config and model summary.
+    assert {"config/text_summary", "model_summary/text_summary"} <= set(acc.PluginTagToContent("text"))
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "max_epochs: 2" in config_text
+    # Top-5 accuracy appears because digits has more than 5 classes.
+    assert len(acc.Scalars("val/acc_top5")) == 2
+
+
+def test_embedding_projector(full_run: Path) -> None:
+    log_dir = full_run / "tensorboard"
+    config = (log_dir / "projector_config.pbtxt").read_text()
+    assert 'tensor_name: "val/features:00008"' in config and "sprite" in config
+    folder = log_dir / "00008" / "val%2ffeatures"
+    rows = (folder / "tensors.tsv").read_text().strip().splitlines()
+    assert len(rows) == 40 and len(rows[0].split("\t")) == 64  # SimpleCNN width 32 → 64 penultimate features
+    labels = (folder / "metadata.tsv").read_text().split()
+    assert len(labels) == 40 and set(labels) <= {str(c) for c in range(10)}
+    assert (folder / "sprite.png").stat().st_size > 0
+
+
+def test_default_monitor_is_light(tmp_outputs: Path) -> None:
+    """Defaults: graph, image grid, histograms, PR curves at the end; no figures, so no matplotlib import."""
+    run_dir = tmp_outputs / "default"
+    run_train(run_dir, *TINY, "monitor.histograms.every_n_steps=4")
+    acc = events(run_dir / "tensorboard")
+    assert acc.Tags()["graph"] and acc.Tags()["images"] == ["train/images"]
+    assert len(acc.Histograms("weights/head.1.bias")) == 2
+    assert len(acc.PluginTagToContent("pr_curves")) == 20
+    assert not (run_dir / "tensorboard" / "projector_config.pbtxt").exists()
+
+
+def test_monitor_none_logs_only_scalars_and_text(tmp_outputs: Path) -> None:
+    run_dir = tmp_outputs / "none"
+    run_train(run_dir, *TINY, "monitor=none")
+    tags = events(run_dir / "tensorboard").Tags()
+    assert not tags["graph"] and not tags["images"] and not tags["histograms"]
+    assert "train/loss" in tags["scalars"]
+
+
+def test_confusion_matrix_counts() -> None:
+    preds, targets = torch.tensor([0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 2, 2, 0])
+    assert confusion_matrix(preds, targets, 3).tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
+
+
+def test_predictions_figure_titles_green_when_right_red_when_wrong() -> None:
+    images = torch.rand(3, 1, 8, 8)
+    figure = predictions_figure(images, torch.tensor([1, 2, 0]), torch.tensor([1, 0, 0]), ["a", "b", "c"])
+    titles = [ax.title for ax in figure.axes if ax.get_title()]
+    assert [t.get_text() for t in titles] == ["b\n(true: b)", "c\n(true: a)", "a\n(true: a)"]
+    assert [t.get_color() for t in titles] == ["green", "red", "green"]
