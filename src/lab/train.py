@@ -113,6 +113,8 @@ def run(cfg: DictConfig) -> float:
     model = instantiate(cfg.model)
     if resume is not None:
         ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+        if hasattr(model, "set_epoch"):  # e.g. a backbone unfrozen by then: the optimizer must have its group
+            model.set_epoch(resume["epoch"])
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -121,6 +123,14 @@ def run(cfg: DictConfig) -> float:
     (output_dir / "model_summary.txt").write_text(summary + "\n")
     log.info("model summary:\n%s", summary)
     write_json(output_dir / "run_info.json", run_info())
+    write_json(output_dir / "class_names.json", {"class_names": splits.class_names})
+    forward_model = None
+    if hasattr(model, "can_cache_features"):
+        from lab.data.features import cached_loaders, use_cache
+
+        if use_cache(model, splits):  # a frozen backbone: compute its features once, train the head on them
+            loaders = cached_loaders(model, splits, cfg.data, device, cfg.trainer.seed)
+            forward_model = model.head
 
     optimizer = build_optimizer(cfg.optimizer, model)
     num_batches = len(loaders["train"])
@@ -131,6 +141,7 @@ def run(cfg: DictConfig) -> float:
         cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "loggers": loggers.state_dict()},
+        callbacks=getattr(model, "callbacks", list)(), forward_model=forward_model,
     )  # fmt: skip
     if resume is not None and cfg.train:
         trainer.load_checkpoint_state(resume)

@@ -93,6 +93,10 @@ def _split(n: int, fractions: list[float], seed: int) -> list[Tensor]:
 
 def build_data(cfg: DictConfig) -> DataSplits:
     """Read the dataset named by `cfg.dataset` and return preprocessed, seeded splits."""
+    if cfg.get("builder"):  # a data module that builds its own splits, e.g. lab.data.image_folder.build
+        from hydra.utils import get_method
+
+        return get_method(cfg.builder)(cfg)
     if cfg.get("has_test_split", False):
         train_x, train_y = dataset_to_tensors(source := _instantiate_dataset(cfg, train=True))
         test_x, test_y = dataset_to_tensors(_instantiate_dataset(cfg, train=False))
