@@ -30,7 +30,9 @@ def test_every_backbone_config_builds_and_forwards(tmp_path: Path) -> None:
         assert model(x).shape == (2, cfg.data.num_classes), option
         assert model.head(model.features(x)).shape == (2, cfg.data.num_classes)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
-        in_optimizer = {id(p) for g in build_optimizer(cfg.optimizer, model).param_groups for p in g["params"]}
+        in_optimizer = {
+            id(p) for g in build_optimizer(cfg.optimizer, model).param_groups for p in g["params"]
+        }
         assert in_optimizer == trainable
         if option.endswith("_frozen"):
             assert trainable == {id(p) for p in model.head.parameters()}, option
@@ -42,7 +44,10 @@ def test_every_backbone_config_builds_and_forwards(tmp_path: Path) -> None:
 def test_data_image_size_override_wins(tmp_path: Path) -> None:
     cfg = compose_config(["model=resnet18_frozen", "data.image_size=64"], tmp_path)
     assert cfg.data.image_size == 64 and cfg.data.channels == 3
-    assert compose_config(["model=resnet50_frozen", "model.weights=IMAGENET1K_V2"], tmp_path).data.image_size == 224
+    assert (
+        compose_config(["model=resnet50_frozen", "model.weights=IMAGENET1K_V2"], tmp_path).data.image_size
+        == 224
+    )
 
 
 def test_frozen_step_changes_only_the_head() -> None:
@@ -69,13 +74,17 @@ def test_frozen_step_changes_only_the_head() -> None:
 
 def test_freeze_leading_blocks_and_lr_scale() -> None:
     model = Backbone("resnet18", num_classes=2, weights=None, freeze=2, backbone_lr_scale=0.1, hidden=16)
-    assert not any(p.requires_grad for p in [*model.features.conv1.parameters(), *model.features.bn1.parameters()])
+    assert not any(
+        p.requires_grad for p in [*model.features.conv1.parameters(), *model.features.bn1.parameters()]
+    )
     assert all(p.requires_grad for p in model.features.layer1.parameters())
     model.train()
     assert not model.features.bn1.training and model.features.layer1.training
     optimizer = build_optimizer(compose_config(["optimizer.lr=0.01"]).optimizer, model)
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({"head": 0.01, "backbone": 0.001})
-    with pytest.raises(UserError, match="model.freeze"):
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
+        {"head": 0.01, "backbone": 0.001}
+    )
+    with pytest.raises(UserError, match=r"model\.freeze"):
         Backbone("resnet18", num_classes=2, weights=None, freeze=99)
 
 
@@ -86,16 +95,20 @@ def test_weights_path_loads_a_saved_state_dict(tmp_path: Path) -> None:
     reference = torchvision.models.get_model("resnet18", weights=None).eval()
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     torch.manual_seed(2)  # a different random init, overwritten by the file
-    model = Backbone("resnet18", num_classes=5, weights="DEFAULT", weights_path=str(tmp_path / "resnet18.pth"))
+    model = Backbone(
+        "resnet18", num_classes=5, weights="DEFAULT", weights_path=str(tmp_path / "resnet18.pth")
+    )
     x = torch.rand(2, 3, 32, 32)
     reference.fc = nn.Identity()
     with torch.no_grad():
         assert torch.equal(model.eval().features(x), reference(x))
-    with pytest.raises(UserError, match="model.weights_path"):
+    with pytest.raises(UserError, match=r"model\.weights_path"):
         Backbone("resnet18", num_classes=5, weights_path=str(tmp_path / "missing.pth"))
 
 
-def test_offline_without_cached_weights_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_without_cached_weights_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # No internet here, and a test must not depend on it: the download itself is what we replace.
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -105,7 +118,10 @@ def test_offline_without_cached_weights_is_one_clear_error(tmp_path: Path, monke
     with pytest.raises(UserError) as error:
         Backbone("resnet18", num_classes=2, weights="DEFAULT")
     line = error.value.line()
-    assert "TORCH_HOME" in line and str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line
+    assert (
+        "TORCH_HOME" in line
+        and str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line
+    )
     assert "model.weights=null" in line and "model.weights_path=" in line
     with pytest.raises(UserError, match="unknown weights"):
         Backbone("resnet18", num_classes=2, weights="NOPE")
@@ -122,14 +138,18 @@ def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
     first = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)
     assert [g["name"] for g in first["optimizer"]["param_groups"]] == ["head"]
     # Epoch 2 still trains the head alone; after it the backbone joins the optimizer (and that checkpoint).
-    run_train(tmp_path / "b", *args, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a/checkpoints/last.pt'}")
+    run_train(
+        tmp_path / "b", *args, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a/checkpoints/last.pt'}"
+    )
     second = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)
     groups = second["optimizer"]["param_groups"]
     assert [g["name"] for g in groups] == ["head", "backbone"]
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
     assert all(torch.equal(v, backbone(second)[k]) for k, v in backbone(first).items())
     # Resume from a checkpoint taken after unfreezing: epoch 3 trains the backbone too.
-    run_train(tmp_path / "c", *args, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'b/checkpoints/last.pt'}")
+    run_train(
+        tmp_path / "c", *args, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'b/checkpoints/last.pt'}"
+    )
     third = torch.load(tmp_path / "c/checkpoints/last.pt", weights_only=True)
     assert third["epoch"] == 3 and len(third["optimizer"]["param_groups"]) == 2
     changed = [k for k, v in backbone(second).items() if not torch.equal(v, backbone(third)[k])]

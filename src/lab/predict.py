@@ -25,7 +25,9 @@ def image_paths(inputs: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError("no such image file or folder", f"inputs={path}", "give an image file or a folder of them")
+        raise UserError(
+            "no such image file or folder", f"inputs={path}", "give an image file or a folder of them"
+        )
     paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     if not paths:
         raise UserError("no images in the folder", f"inputs={path}", f"add {', '.join(EXTENSIONS)} files")
@@ -41,7 +43,9 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
     state = ckpt.load(ckpt_path)
     config = state.get("config")
     if not config or "model" not in config:
-        raise UserError("the checkpoint has no saved config", f"ckpt_path={ckpt_path}", "use a lab checkpoint")
+        raise UserError(
+            "the checkpoint has no saved config", f"ckpt_path={ckpt_path}", "use a lab checkpoint"
+        )
     model_cfg = dict(config["model"])
     for key in ("weights", "weights_path"):  # every weight is in the checkpoint: no download, no file
         if key in model_cfg:
@@ -89,10 +93,14 @@ def main(argv: list[str]) -> None:
         try:
             cfg = OmegaConf.merge(base, OmegaConf.from_cli(argv))
         except Exception as e:  # an unknown key
-            raise UserError(str(e).splitlines()[0], " ".join(argv), f"use the keys {', '.join(DEFAULTS)}") from None
+            raise UserError(
+                str(e).splitlines()[0], " ".join(argv), f"use the keys {', '.join(DEFAULTS)}"
+            ) from None
         for key in ("ckpt_path", "inputs"):
             if cfg[key] is None:
-                raise UserError("missing argument", key, "python predict.py ckpt_path=<best.pt> inputs=<image|folder>")
+                raise UserError(
+                    "missing argument", key, "python predict.py ckpt_path=<best.pt> inputs=<image|folder>"
+                )
         results = predict(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device, cfg.batch_size)
     except UserError as e:
         print(e.line(), file=sys.stderr)

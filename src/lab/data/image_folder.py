@@ -99,14 +99,20 @@ def build(cfg: DictConfig) -> Any:
     from lab.data import DataSplits, Preprocess, _split
 
     if not cfg.root:
-        raise UserError("no image folder given", "data.root", "python train.py data=image_folder data.root=/path")
+        raise UserError(
+            "no image folder given", "data.root", "python train.py data=image_folder data.root=/path"
+        )
     root = Path(str(cfg.root)).expanduser()
     if not root.is_dir():
-        raise UserError("image folder not found", f"data.root={root}", "give a folder of <class>/<image> files")
+        raise UserError(
+            "image folder not found", f"data.root={root}", "give a folder of <class>/<image> files"
+        )
     classes = class_folders(root)
     where = f"data.root={root}"
     if not classes:
-        raise UserError("no class folders in the image folder", where, "lay it out as root/<class>/<image files>")
+        raise UserError(
+            "no class folders in the image folder", where, "lay it out as root/<class>/<image files>"
+        )
     if len(classes) == 1:
         raise UserError(f"only one class folder ({classes[0]})", where, "classification needs at least two")
     given = {s: _samples(root / s, classes) for s in SPLITS if (root / s).is_dir()}

@@ -41,7 +41,9 @@ def get_weights(name: str, weights: str | None) -> Any:
         return enum.DEFAULT if weights in (None, "DEFAULT") else enum[str(weights)]
     except KeyError:
         allowed = ", ".join(["DEFAULT", *enum.__members__])
-        raise UserError(f"unknown weights {weights!r} for {name}", "model.weights", f"use one of {allowed} or null")
+        raise UserError(
+            f"unknown weights {weights!r} for {name}", "model.weights", f"use one of {allowed} or null"
+        ) from None
 
 
 def _model_names_hint() -> str:
@@ -124,11 +126,19 @@ class Backbone(nn.Module):
         elif isinstance(freeze, int) and 0 <= freeze <= len(units):
             count = freeze
         else:
-            raise UserError(f"must be true, false or a block count 0..{len(units)}, got {freeze!r}", "model.freeze")
-        if unfreeze_at_epoch is not None and (not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0):
-            raise UserError(f"must be null or an epoch >= 0, got {unfreeze_at_epoch!r}", "model.unfreeze_at_epoch")
+            raise UserError(
+                f"must be true, false or a block count 0..{len(units)}, got {freeze!r}", "model.freeze"
+            )
+        if unfreeze_at_epoch is not None and (
+            not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0
+        ):
+            raise UserError(
+                f"must be null or an epoch >= 0, got {unfreeze_at_epoch!r}", "model.unfreeze_at_epoch"
+            )
         if str(cache_features) not in ("auto", "True", "False"):
-            raise UserError(f"unknown value {cache_features!r}", "model.cache_features", "use auto, true or false")
+            raise UserError(
+                f"unknown value {cache_features!r}", "model.cache_features", "use auto, true or false"
+            )
         self.frozen = units[:count]
         for unit in self.frozen:
             unit.requires_grad_(False)
@@ -148,7 +158,9 @@ class Backbone(nn.Module):
             net = get_model(name, weights=None)
             path = Path(str(weights_path))
             if not path.is_file():
-                raise UserError("weights file not found", f"model.weights_path={path}", "give a state_dict file")
+                raise UserError(
+                    "weights file not found", f"model.weights_path={path}", "give a state_dict file"
+                )
             state = torch.load(path, map_location="cpu", weights_only=True)
             from lab.checkpoint import load_model_state
 
