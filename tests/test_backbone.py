@@ -154,3 +154,10 @@ def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
     assert third["epoch"] == 3 and len(third["optimizer"]["param_groups"]) == 2
     changed = [k for k, v in backbone(second).items() if not torch.equal(v, backbone(third)[k])]
     assert any(k.endswith("weight") for k in changed) and any("running_mean" in k for k in changed)
+
+
+def test_model_config_error_is_one_line_on_the_cli(tmp_path: Path) -> None:
+    proc = run_train(tmp_path / "run", "model=mobilenet_v3_small_frozen", "model.weights=null", "model.freeze=999",
+                     check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: must be true, false or a block count 0..")

@@ -36,9 +36,8 @@ def image_paths(inputs: str | Path) -> list[Path]:
 
 def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any], list[str]]:
     """The checkpoint's model in eval mode, its resolved config and its class names."""
-    from hydra.utils import instantiate
-
     from lab import checkpoint as ckpt
+    from lab.models import build_model
 
     state = ckpt.load(ckpt_path)
     config = state.get("config")
@@ -50,7 +49,7 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
     for key in ("weights", "weights_path"):  # every weight is in the checkpoint: no download, no file
         if key in model_cfg:
             model_cfg[key] = None
-    model = instantiate(model_cfg)
+    model = build_model(model_cfg)
     ckpt.load_model_state(model, state["model"], f"ckpt_path={ckpt_path}")
     class_names = state.get("class_names") or [str(i) for i in range(config["data"]["num_classes"])]
     return model.to(device).eval(), config, list(class_names)

@@ -86,11 +86,11 @@ def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
 
 def run(cfg: DictConfig) -> float:
     import torch
-    from hydra.utils import instantiate
 
     from lab import checkpoint as ckpt
     from lab.data import build_data, build_loaders
     from lab.loggers import build_loggers, flatten
+    from lab.models import build_model
     from lab.optim import build_optimizer, build_schedulers
     from lab.runtime import resolve_device, run_info, seed_everything
     from lab.trainer import Trainer
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> float:
 
     splits = build_data(cfg.data)
     loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed)
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     if resume is not None:
         ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
         if hasattr(model, "set_epoch"):  # e.g. a backbone unfrozen by then: the optimizer must have its group
