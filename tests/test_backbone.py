@@ -161,3 +161,9 @@ def test_model_config_error_is_one_line_on_the_cli(tmp_path: Path) -> None:
                      check=False)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: must be true, false or a block count 0..")
+    # A UserError raised while resolving the config (${weights_meta:...}) is one line too.
+    proc = run_train(tmp_path / "run2", "model=resnet18_frozen", "model.weights=NOPE", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: unknown weights 'NOPE' for resnet18 (model.weights): use one of DEFAULT, IMAGENET1K_V1 or null"
+    )

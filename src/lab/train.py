@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lab.config import validate
 from lab.errors import EXIT_USER_ERROR, UserError
@@ -31,6 +32,13 @@ def main(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
+    except OmegaConfBaseException as e:  # a UserError raised inside a config resolver, e.g. ${weights_meta:...}
+        cause = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        return _fail(cfg, cause.line(), EXIT_USER_ERROR, status="failed")
     except TrainingDiverged as e:
         return _fail(cfg, f"error: training diverged (trainer): {e}", EXIT_DIVERGED, status="diverged")
     except TrainingInterrupted as e:

@@ -40,7 +40,7 @@ def get_weights(name: str, weights: str | None) -> Any:
     try:
         return enum.DEFAULT if weights in (None, "DEFAULT") else enum[str(weights)]
     except KeyError:
-        allowed = ", ".join(["DEFAULT", *enum.__members__])
+        allowed = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise UserError(
             f"unknown weights {weights!r} for {name}", "model.weights", f"use one of {allowed} or null"
         ) from None
