@@ -102,7 +102,12 @@ def test_trainer_options_validate(option: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("option", options("data"))
 def test_data_options_compose(option: str, tmp_path: Path) -> None:
-    cfg = compose_config([f"data={option}"], tmp_path)
+    overrides = [f"data={option}"]
+    if option == "image_folder":  # num_classes is counted from data.root's class folders
+        for name in ("cat", "dog"):
+            (tmp_path / "images" / name).mkdir(parents=True)
+        overrides.append(f"data.root={tmp_path / 'images'}")
+    cfg = compose_config(overrides, tmp_path)
     validate(cfg)
     assert cfg.data.num_classes > 1 and len(cfg.data.mean) == len(cfg.data.std)
 

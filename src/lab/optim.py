@@ -34,7 +34,10 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = [g for g in trainable_parameters(model) if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters", "model.freeze", "unfreeze at least the head")
-    return instantiate(cfg)(groups)
+    optimizer = instantiate(cfg)(groups)
+    for group in optimizer.param_groups:  # e.g. a backbone's discriminative lr (lab.models.backbone)
+        group["lr"] *= group.get("lr_scale", 1.0)
+    return optimizer
 
 
 @dataclass

@@ -21,6 +21,23 @@ def run_id() -> str:
     return _RUN_ID
 
 
+def weights_meta(name: str, weights: str | None, key: str):
+    """`${weights_meta:resnet18,DEFAULT,mean}`: preprocessing of torchvision weights (imports torchvision)."""
+    from lab.models.backbone import weights_meta
+
+    return weights_meta(name, weights, key)
+
+
+def image_folder_classes(root: str | None) -> int:
+    """`${image_folder_classes:${data.root}}`: the number of class folders (0 when root is missing)."""
+    from lab.data.image_folder import class_folders
+
+    return len(class_folders(root))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+    for name, resolver in (("weights_meta", weights_meta), ("image_folder_classes", image_folder_classes)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lab.config import validate
 from lab.errors import EXIT_USER_ERROR, UserError
@@ -31,6 +32,15 @@ def main(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
+    except (
+        OmegaConfBaseException
+    ) as e:  # a UserError raised inside a config resolver, e.g. ${weights_meta:...}
+        cause = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        return _fail(cfg, cause.line(), EXIT_USER_ERROR, status="failed")
     except TrainingDiverged as e:
         return _fail(cfg, f"error: training diverged (trainer): {e}", EXIT_DIVERGED, status="diverged")
     except TrainingInterrupted as e:
@@ -88,11 +98,11 @@ def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
 
 def run(cfg: DictConfig) -> float:
     import torch
-    from hydra.utils import instantiate
 
     from lab import checkpoint as ckpt
     from lab.data import build_data, build_loaders
     from lab.loggers import build_loggers, flatten
+    from lab.models import build_model
     from lab.monitor import build_monitor
     from lab.optim import build_optimizer, build_schedulers
     from lab.runtime import resolve_device, run_info, seed_everything
@@ -113,9 +123,11 @@ def run(cfg: DictConfig) -> float:
 
     splits = build_data(cfg.data)
     loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed)
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     if resume is not None:
         ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+        if hasattr(model, "set_epoch"):  # e.g. a backbone unfrozen by then: the optimizer must have its group
+            model.set_epoch(resume["epoch"])
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -124,17 +136,29 @@ def run(cfg: DictConfig) -> float:
     (output_dir / "model_summary.txt").write_text(summary + "\n")
     log.info("model summary:\n%s", summary)
     write_json(output_dir / "run_info.json", run_info())
+    write_json(output_dir / "class_names.json", {"class_names": splits.class_names})
+    forward_model = None
+    if hasattr(model, "can_cache_features"):
+        from lab.data.features import cached_loaders, use_cache
+
+        if use_cache(model, splits):  # a frozen backbone: compute its features once, train the head on them
+            loaders = cached_loaders(model, splits, cfg.data, device, cfg.trainer.seed)
+            forward_model = model.head
 
     optimizer = build_optimizer(cfg.optimizer, model)
     num_batches = len(loaders["train"])
     schedulers = build_schedulers(cfg.scheduler, optimizer, num_batches, cfg.trainer.max_epochs)
     checkpointer = ckpt.Checkpointer(**OmegaConf.to_container(cfg.checkpoint, resolve=True))
     loggers = build_loggers(cfg.get("logger"))
+    callbacks = [
+        *getattr(model, "callbacks", list)(),
+        *build_monitor(cfg.get("monitor"), cfg.data, splits.class_names),
+    ]
     trainer = Trainer(
         cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "loggers": loggers.state_dict()},
-        callbacks=build_monitor(cfg.get("monitor"), cfg.data, splits.class_names),
+        callbacks=callbacks, forward_model=forward_model,
     )  # fmt: skip
     if resume is not None and cfg.train:
         trainer.load_checkpoint_state(resume)

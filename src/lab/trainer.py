@@ -107,10 +107,14 @@ class Trainer:
         device: torch.device,
         checkpoint_extra: Callable[[], dict[str, Any]],
         callbacks: Iterable[Any] = (),
+        forward_model: nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model  # the plain module: its state_dict is what checkpoints hold
-        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+        # What batches go through: the model (maybe compiled), or a part of it, e.g. a head on cached features.
+        if forward_model is None:
+            forward_model = torch.compile(model) if cfg.compile else model
+        self.forward_model: nn.Module = forward_model
         self.optimizer, self.schedulers = optimizer, schedulers
         self.loaders, self.loggers, self.checkpointer = loaders, loggers, checkpointer
         self.device = device

@@ -48,7 +48,9 @@ class Preprocess:
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
         if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         if self.mean.device != x.device:
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         return (x - self.mean) / self.std
@@ -70,7 +72,9 @@ def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
     root = OmegaConf.select(cfg, "dataset.root")
     try:
         return instantiate(cfg.dataset, **kwargs)
-    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError for missing files and no network
+    except (
+        Exception
+    ) as e:  # torchvision raises RuntimeError/URLError/OSError for missing files and no network
         cause = e.__cause__ or e
         raise UserError(
             f"could not load {cfg.name} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})",
@@ -93,13 +97,19 @@ def _split(n: int, fractions: list[float], seed: int) -> list[Tensor]:
 
 def build_data(cfg: DictConfig) -> DataSplits:
     """Read the dataset named by `cfg.dataset` and return preprocessed, seeded splits."""
+    if cfg.get("builder"):  # a data module that builds its own splits, e.g. lab.data.image_folder.build
+        from hydra.utils import get_method
+
+        return get_method(cfg.builder)(cfg)
     if cfg.get("has_test_split", False):
         train_x, train_y = dataset_to_tensors(source := _instantiate_dataset(cfg, train=True))
         test_x, test_y = dataset_to_tensors(_instantiate_dataset(cfg, train=False))
         val_idx, train_idx = _split(len(train_y), [cfg.val_fraction], cfg.split_seed)
     else:
         all_x, all_y = dataset_to_tensors(source := _instantiate_dataset(cfg))
-        test_idx, val_idx, train_idx = _split(len(all_y), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed)
+        test_idx, val_idx, train_idx = _split(
+            len(all_y), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed
+        )
         train_x, train_y, test_x, test_y = all_x, all_y, all_x[test_idx], all_y[test_idx]
     val_x, val_y = train_x[val_idx], train_y[val_idx]
     train_x, train_y = train_x[train_idx], train_y[train_idx]

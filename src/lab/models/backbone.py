@@ -1,0 +1,259 @@
+"""Any torchvision classification model as a pretrained backbone with a new head. → `conf/model/<name>*.yaml`
+
+`Backbone(name=...)` builds `torchvision.models.get_model(name)`, loads `weights` (a torchvision weights name such
+as DEFAULT) or `weights_path` (a local state_dict), swaps the model's last `nn.Linear` for `nn.Identity` (so
+`.features` maps images to the penultimate vector) and puts a new `.head` on top for `num_classes`.
+
+Freezing: `freeze: true` freezes the whole backbone, `freeze: N` its first N blocks (top-level children of the
+torchvision model that have parameters, `nn.Sequential` containers opened up). Frozen parameters get
+`requires_grad=False` and are left out of `param_groups()`, so the optimizer never sees them; frozen blocks stay in
+eval mode during training (BatchNorm running stats and dropout untouched); a fully frozen backbone runs under
+`torch.no_grad()`. `unfreeze_at_epoch: N` trains the head alone for N epochs, then `UnfreezeBackbone` adds the
+backbone to the optimizer with lr × `backbone_lr_scale`.
+
+torchvision is imported inside the functions: the default digits run never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def get_weights(name: str, weights: str | None) -> Any:
+    """The torchvision weights enum member `weights` of model `name` (DEFAULT when None, for its metadata)."""
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(name)
+    except (ValueError, KeyError):
+        raise UserError(f"unknown torchvision model {name!r}", "model.name", _model_names_hint()) from None
+    try:
+        return enum.DEFAULT if weights in (None, "DEFAULT") else enum[str(weights)]
+    except KeyError:
+        allowed = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
+        raise UserError(
+            f"unknown weights {weights!r} for {name}", "model.weights", f"use one of {allowed} or null"
+        ) from None
+
+
+def _model_names_hint() -> str:
+    import torchvision.models
+
+    names = torchvision.models.list_models(module=torchvision.models)  # classification models only
+    return f"use a torchvision classification model, e.g. {', '.join(sorted(names)[:12])}, ..."
+
+
+def weights_meta(name: str, weights: str | None, key: str) -> Any:
+    """Preprocessing of the weights (`crop_size`, `mean`, `std`): the `${weights_meta:...}` config resolver."""
+    transforms = get_weights(name, weights).transforms()
+    value = getattr(transforms, key)
+    return value[0] if key in ("crop_size", "resize_size") else list(value)
+
+
+def _download_error(name: str, weights: str | None, error: Exception) -> UserError:
+    from torch.hub import get_dir
+
+    meta = get_weights(name, weights)
+    wanted = Path(get_dir()) / "checkpoints" / os.path.basename(meta.url)
+    return UserError(
+        f"could not get the pretrained weights {name}/{weights} ({type(error).__name__}: {str(error)[:120]}); "
+        f"torchvision wanted {wanted} (under TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')})",
+        "model.weights",
+        f"copy {os.path.basename(meta.url)} from {meta.url} there, or use model.weights=null (random init) "
+        "or model.weights_path=<a local state_dict file>",
+    )
+
+
+def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """The parent, attribute name and module of the classifier: the last `nn.Linear` in the network."""
+    found = None
+    for parent in net.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found = (parent, attr, child)
+    if found is None:
+        raise UserError("the model has no nn.Linear classifier to replace", "model.name", "")
+    return found
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The units `freeze: N` counts: top-level children with parameters, `nn.Sequential` opened one level."""
+    units: list[nn.Module] = []
+    for child in net.children():
+        parts = list(child.children()) if isinstance(child, nn.Sequential) else [child]
+        units += [p for p in parts if any(True for _ in p.parameters())]
+    return units
+
+
+class Backbone(nn.Module):
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        weights: str | None = "DEFAULT",
+        weights_path: str | None = None,
+        freeze: bool | int = False,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        cache_features: bool | str = "auto",
+    ) -> None:
+        super().__init__()
+        self.features = self._build(name, weights, weights_path)
+        parent, attr, classifier = _last_linear(self.features)
+        setattr(parent, attr, nn.Identity())
+        width = classifier.in_features
+        layers: list[nn.Module] = []
+        if hidden:
+            layers += [nn.Dropout(dropout), nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        self.head = nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+        units = blocks(self.features)
+        if isinstance(freeze, bool):
+            count = len(units) if freeze else 0
+        elif isinstance(freeze, int) and 0 <= freeze <= len(units):
+            count = freeze
+        else:
+            raise UserError(
+                f"must be true, false or a block count 0..{len(units)}, got {freeze!r}", "model.freeze"
+            )
+        if unfreeze_at_epoch is not None and (
+            not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0
+        ):
+            raise UserError(
+                f"must be null or an epoch >= 0, got {unfreeze_at_epoch!r}", "model.unfreeze_at_epoch"
+            )
+        if str(cache_features) not in ("auto", "True", "False"):
+            raise UserError(
+                f"unknown value {cache_features!r}", "model.cache_features", "use auto, true or false"
+            )
+        self.frozen = units[:count]
+        for unit in self.frozen:
+            unit.requires_grad_(False)
+        self.unfreeze_at_epoch = unfreeze_at_epoch if self.frozen else None
+        self.backbone_lr_scale = float(backbone_lr_scale)
+        self.cache_features = cache_features
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info("%s: %d of %d blocks frozen, %s of %s parameters trainable", name, count, len(units),
+                 f"{trainable:,}", f"{total:,}")  # fmt: skip
+
+    @staticmethod
+    def _build(name: str, weights: str | None, weights_path: str | None) -> nn.Module:
+        from torchvision.models import get_model
+
+        if weights_path:
+            net = get_model(name, weights=None)
+            path = Path(str(weights_path))
+            if not path.is_file():
+                raise UserError(
+                    "weights file not found", f"model.weights_path={path}", "give a state_dict file"
+                )
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            from lab.checkpoint import load_model_state
+
+            load_model_state(net, state.get("state_dict", state), f"model.weights_path={path}")
+            return net
+        if weights is None:
+            return get_model(name, weights=None)
+        meta = get_weights(name, weights)
+        try:
+            return get_model(name, weights=meta)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a corrupt download a RuntimeError
+            raise _download_error(name, weights, e) from None
+
+    @property
+    def fully_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.features.parameters())
+
+    def can_cache_features(self) -> bool:
+        """Backbone outputs never change during training: fully frozen and never unfrozen."""
+        return self.fully_frozen and self.unfreeze_at_epoch is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fully_frozen:
+            return self.head(self.features(x))
+        with torch.no_grad():  # no autograd graph through the frozen backbone
+            features = self.features(x)
+        return self.head(features)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        for unit in [self.features] if self.fully_frozen else self.frozen:
+            unit.eval()  # frozen BatchNorm keeps its running stats, frozen dropout stays off
+        return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Head, and the trainable part of the backbone with its own lr scale (see `lab.optim.build_optimizer`)."""
+        backbone = [p for p in self.features.parameters() if p.requires_grad]
+        groups = [{"params": list(self.head.parameters()), "name": "head"}]
+        if backbone:
+            groups.append({"params": backbone, "name": "backbone", "lr_scale": self.backbone_lr_scale})
+        return groups
+
+    def set_epoch(self, epoch: int) -> list[nn.Parameter]:
+        """Unfreeze when `epoch` (completed epochs) reaches `unfreeze_at_epoch`; returns the parameters freed."""
+        if self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch or not self.frozen:
+            return []
+        freed = [p for unit in self.frozen for p in unit.parameters()]
+        for unit in self.frozen:
+            unit.requires_grad_(True)
+        self.frozen = []
+        self.train(self.training)
+        log.info("epoch %d: backbone unfrozen (%s parameters join the optimizer)", epoch,
+                 f"{sum(p.numel() for p in freed):,}")  # fmt: skip
+        return freed
+
+    def callbacks(self) -> list[Any]:
+        return [UnfreezeBackbone()] if self.unfreeze_at_epoch is not None else []
+
+
+class UnfreezeBackbone:
+    """Trainer callback: once `unfreeze_at_epoch` epochs are complete, the backbone joins the optimizer.
+
+    Its group gets the head's current lr × `backbone_lr_scale` and is added to the schedulers. It happens right
+    after validation of epoch N (before that epoch's checkpoint is written), so every checkpoint with `epoch >= N`
+    has the backbone group and none before; `lab.train.run` calls `model.set_epoch(<checkpoint epoch>)` before
+    building the optimizer, so a resumed run's optimizer has the same groups as the checkpoint it loads.
+    """
+
+    def unfreeze(self, trainer: Any) -> None:
+        freed = trainer.model.set_epoch(trainer.state.epoch)
+        if freed:
+            add_param_group(trainer.optimizer, trainer.schedulers, freed, trainer.model.backbone_lr_scale)
+
+    def on_train_epoch_start(self, trainer: Any) -> None:  # unfreeze_at_epoch=0
+        self.unfreeze(trainer)
+
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self.unfreeze(trainer)
+
+
+def add_param_group(optimizer: torch.optim.Optimizer, schedulers: Any, params: list, scale: float) -> None:
+    ref = optimizer.param_groups[0]
+    group = {key: value for key, value in ref.items() if key not in ("params", "name", "lr_scale")}
+    for key, value in group.items():  # lr, initial_lr, max_lr, min_lr (OneCycleLR) ...
+        if "lr" in key and isinstance(value, float):
+            group[key] = value * scale
+    optimizer.add_param_group({**group, "params": params, "name": "backbone", "lr_scale": scale})
+    for scheduler in (schedulers.main, schedulers.warmup):
+        if scheduler is None:
+            continue
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs.append(scheduler.base_lrs[0] * scale)
+        if hasattr(scheduler, "min_lrs"):  # ReduceLROnPlateau
+            scheduler.min_lrs.append(scheduler.min_lrs[0])
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr.append(group["lr"])

@@ -1,0 +1,105 @@
+"""`data=image_folder` on temporary folders of generated PNGs: layouts, splits, errors, cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, run_train
+from PIL import Image
+
+from lab.data import build_data, build_loaders
+from lab.errors import UserError
+
+COLOURS = {"cat": (220, 40, 40), "dog": (40, 40, 220), "fox": (40, 200, 40)}
+
+
+def make_images(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("cat", "dog", "fox")) -> Path:
+    """Noisy images whose dominant colour is the class: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(COLOURS[name], 40, size=(20 + i, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def image_folder_config(root: Path, tmp_path: Path, *overrides: str):
+    return compose_config(["data=image_folder", f"data.root={root}", "data.image_size=16", "data.num_workers=0",
+                           *overrides], tmp_path)  # fmt: skip
+
+
+def test_seeded_split_of_one_folder(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images")
+    cfg = image_folder_config(root, tmp_path)
+    assert cfg.data.num_classes == 3  # counted from the class folders
+    splits = build_data(cfg.data)
+    assert splits.class_names == ["cat", "dog", "fox"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 3, 3)
+    paths = [p for split in (splits.train, splits.val, splits.test) for p, _ in split.samples]
+    assert len(set(paths)) == 30  # disjoint
+    assert [p for p, _ in build_data(cfg.data).test.samples] == [p for p, _ in splits.test.samples]  # seeded
+    x, y = next(iter(build_loaders(splits, cfg.data, torch.device("cpu"), seed=0)["train"]))
+    assert x.shape == (len(x), 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
+
+
+def test_train_val_test_sub_folders_and_augmentation(tmp_path: Path) -> None:
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        make_images(tmp_path / "images" / split, per_class=n, classes=("cat", "dog"))
+    cfg = image_folder_config(tmp_path / "images", tmp_path, "data.augment=true")
+    splits = build_data(cfg.data)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 6) and cfg.data.num_classes == 2
+    assert splits.extra["augmented"]
+    torch.manual_seed(0)
+    a, b = splits.train[0][0], splits.train[0][0]
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8 and not torch.equal(a, b)  # random crop/flip
+    assert torch.equal(splits.val[0][0], splits.val[0][0])  # evaluation: no randomness
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
+    def error(root: Path | None) -> str:
+        with pytest.raises(UserError) as e:
+            build_data(image_folder_config(root, tmp_path).data if root else compose_config(
+                ["data=image_folder"], tmp_path).data)  # fmt: skip
+        return e.value.line()
+
+    assert "data.root" in error(None)
+    assert "not found" in error(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert "no class folders" in error(tmp_path / "empty")
+    assert "only one class" in error(make_images(tmp_path / "one", 2, ("cat",)))
+    (tmp_path / "no_images" / "a").mkdir(parents=True)
+    (tmp_path / "no_images" / "b").mkdir()
+    assert "no images" in error(tmp_path / "no_images")
+    root = make_images(tmp_path / "bad", 2, ("cat", "dog"))
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    line = error(root)
+    assert "unreadable image" in line and str(root / "dog" / "broken.png") in line
+
+
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
+    proc = run_train(tmp_path / "run", "data=image_folder", f"data.root={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: image folder not found (data.root=")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images")
+    args = ["data=image_folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=8",
+            "model=resnet18_frozen", "model.weights=null", "data.image_size=32", "trainer.max_epochs=2",
+            "model.dropout=0.2", "test=false"]  # fmt: skip
+    cached = run_train(tmp_path / "cached", *args, "model.cache_features=auto")
+    assert "cached backbone features" in cached.stderr + cached.stdout
+    plain = run_train(tmp_path / "plain", *args, "model.cache_features=false")
+    assert "cached backbone features" not in plain.stderr + plain.stdout
+    a = torch.load(tmp_path / "cached/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and any(k.startswith("features.") for k in a["model"])
+    for key in a["model"]:  # the full model is saved either way; the head trained identically
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+    best = torch.load(tmp_path / "cached/checkpoints/best.pt", weights_only=True)
+    assert a["global_step"] == 6 and best["class_names"] == ["cat", "dog", "fox"]
