@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import datetime
 
 from omegaconf import OmegaConf
 
 _RUN_ID: str | None = None
+_RUN_TIME: datetime | None = None
 
 
 def run_id() -> str:
@@ -21,6 +23,17 @@ def run_id() -> str:
     return _RUN_ID
 
 
+def run_time(pattern: str) -> str:
+    """Like Hydra's `${now:pattern}`, but `LAB_RUN_TIME` (ISO format) wins when set: torchrun ranks share it."""
+    global _RUN_TIME
+    if _RUN_TIME is None:
+        env = os.environ.get("LAB_RUN_TIME")
+        _RUN_TIME = datetime.fromisoformat(env) if env else datetime.now()
+    return _RUN_TIME.strftime(pattern)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("run_time"):
+        OmegaConf.register_new_resolver("run_time", run_time, use_cache=True)

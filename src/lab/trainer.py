@@ -76,6 +76,12 @@ class Metrics:
         self.correct += (logits.argmax(1) == targets).sum()
         self.count += len(targets)
 
+    def merge(self, other: Metrics) -> None:
+        """Add another window's sums (the loop updates one window per step and folds it in when logging)."""
+        self.loss += other.loss
+        self.correct += other.correct
+        self.count += other.count
+
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         values = torch.stack([self.loss.float(), self.correct.float(), torch.tensor(float(self.count))])
         if reduce is not None:  # all-reduce across ranks under DDP
@@ -269,8 +275,8 @@ class Trainer:
             with self.autocast():
                 logits = model(self.prepare(x))
                 loss = F.cross_entropy(logits, y)
-            (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
-            epoch_metrics.update(loss, logits, y)
+            scaled = loss / accumulate if accumulate > 1 else loss
+            (scaler.scale(scaled) if scaler else scaled).backward()
             window.update(loss, logits, y)
             state.batch_in_epoch = index + 1
             if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
@@ -308,12 +314,14 @@ class Trainer:
                         loss=f"{metrics['train/loss']:.4f}",
                         samples_s=f"{metrics['train/samples_per_sec']:.0f}",
                     )
+                epoch_metrics.merge(window)
                 window.reset()
                 window_start = time.perf_counter()
             if self.checkpointer.step_due(state.global_step):
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
                 break
+        epoch_metrics.merge(window)
         metrics = epoch_metrics.compute("train", self.reduce)
         self.check_finite(metrics["train/loss"])
         return metrics
