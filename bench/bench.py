@@ -249,12 +249,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median), after one warm-up")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, both loops")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-startup", action="store_true", help="skip the time-to-first-step measurement")
     parser.add_argument(
         "overrides", nargs="*", help="extra train.py overrides for every lab run and the shared setup"
     )
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device != "cpu" and torch.cuda.is_available() else ""))  # fmt: skip
     rows: list[dict] = []

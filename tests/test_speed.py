@@ -106,16 +106,20 @@ def assert_close_metrics(a: dict, b: dict, tol: float = 1e-4) -> None:
         assert a[key] == pytest.approx(b[key], abs=tol), key
 
 
-def test_in_memory_path_gives_the_same_metrics_as_the_dataloader_path(tmp_path):
-    fast = final_metrics(tmp_path / "fast", "data.in_memory=true")
-    plain = final_metrics(tmp_path / "plain", "data.in_memory=false")
-    assert_close_metrics(fast, plain)
+@pytest.fixture(scope="module")
+def default_metrics(tmp_path_factory) -> dict:
+    """The default path (in-memory loader, fp32, NCHW) that the other paths are compared with."""
+    return final_metrics(tmp_path_factory.mktemp("default"))
 
 
-def test_channels_last_gives_the_same_metrics(tmp_path):
-    plain = final_metrics(tmp_path / "plain")
-    nhwc = final_metrics(tmp_path / "nhwc", "trainer.channels_last=true")
-    assert_close_metrics(plain, nhwc, tol=1e-3)
+def test_in_memory_path_gives_the_same_metrics_as_the_dataloader_path(tmp_path, default_metrics):
+    plain = final_metrics(tmp_path, "data.in_memory=false")
+    assert_close_metrics(default_metrics, plain)
+
+
+def test_channels_last_gives_the_same_metrics(tmp_path, default_metrics):
+    nhwc = final_metrics(tmp_path, "trainer.channels_last=true")
+    assert_close_metrics(default_metrics, nhwc, tol=1e-3)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):

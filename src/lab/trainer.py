@@ -263,7 +263,9 @@ class Trainer:
     def train_epoch(self, loader: Any, num_batches: int) -> dict[str, float]:
         cfg, state = self.cfg, self.state
         model, optimizer, scaler = self.forward_model, self.optimizer, self.scaler
-        accumulate = cfg.accumulate_grad_batches
+        # Plain Python values: an OmegaConf attribute lookup per step costs more than the metric update.
+        accumulate, log_every = cfg.accumulate_grad_batches, cfg.log_every_n_steps
+        clip = cfg.gradient_clip_val
         model.train()
         loader.set_epoch(state.epoch)
         epoch_metrics, window = Metrics(self.device), Metrics(self.device)
@@ -282,13 +284,13 @@ class Trainer:
             if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
                 continue  # accumulate gradients over more batches
 
-            log_now = (state.global_step + 1) % cfg.log_every_n_steps == 0
+            log_now = (state.global_step + 1) % log_every == 0
             self.callback("on_after_backward")
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = None
-            if cfg.gradient_clip_val:
-                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.gradient_clip_val)
+            if clip:
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             elif log_now:
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
             if scaler is not None:
