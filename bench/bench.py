@@ -249,7 +249,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median), after one warm-up")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, both loops")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--skip-startup", action="store_true", help="skip the time-to-first-step measurement")
     parser.add_argument(
         "overrides", nargs="*", help="extra train.py overrides for every lab run and the shared setup"

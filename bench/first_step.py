@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch.optim.optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,6 @@ def stop_at_first_step(optimizer, args, kwargs) -> None:
     os._exit(0)
 
 
-torch.optim.optimizer.register_optimizer_step_post_hook(stop_at_first_step)
+register_optimizer_step_post_hook(stop_at_first_step)
 sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
