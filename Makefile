@@ -9,7 +9,7 @@ ARGS ?=
 NPROC ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint format tensorboard sweep bench clean
+.PHONY: help install train train-ddp test lint format tensorboard sweep bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ install: $(VENV)/.installed ## create .venv and install the project with all ext
 
 train: install ## train with the defaults (ARGS="model=mlp ..." to override)
 	$(BIN)/python train.py $(ARGS)
+
+train-ddp: install ## data-parallel training on NPROC processes (GPUs, or CPUs with gloo) via torchrun
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) train.py trainer=ddp $(ARGS)
+
+bench: install ## time the loop against a hand-written PyTorch loop (ARGS="--device cuda", --help)
+	$(BIN)/python bench/bench.py $(ARGS)
 
 test: install ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)

@@ -1,5 +1,7 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]`; `-m` runs a sweep. See README.md."""
 
+import os
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,4 +16,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank takes rank 0's run dir
+        from lab.distributed import agree_on_run
+
+        agree_on_run()
     main()

@@ -68,7 +68,8 @@ def batch_limit(cfg: DictConfig, key: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash (or silently misbehave) minutes into training."""
     positive_int(cfg, "data.batch_size")
-    positive_int(cfg, "data.num_workers", allow_zero=True)
+    if get(cfg, "data.num_workers") is not None:  # null: from the CPU count
+        positive_int(cfg, "data.num_workers", allow_zero=True)
     fraction(cfg, "data.val_fraction")
     if get(cfg, "data.test_fraction") is not None:
         fraction(cfg, "data.test_fraction")

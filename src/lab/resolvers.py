@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import datetime
 
 from omegaconf import OmegaConf
 
 _RUN_ID: str | None = None
+_RUN_TIME: datetime | None = None
 
 
 def run_id() -> str:
@@ -35,9 +37,20 @@ def image_folder_classes(root: str | None) -> int:
     return len(class_folders(root))
 
 
+def run_time(pattern: str) -> str:
+    """Like Hydra's `${now:pattern}`, but `LAB_RUN_TIME` (ISO format) wins when set: torchrun ranks share it."""
+    global _RUN_TIME
+    if _RUN_TIME is None:
+        env = os.environ.get("LAB_RUN_TIME")
+        _RUN_TIME = datetime.fromisoformat(env) if env else datetime.now()
+    return _RUN_TIME.strftime(pattern)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
     for name, resolver in (("weights_meta", weights_meta), ("image_folder_classes", image_folder_classes)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+    if not OmegaConf.has_resolver("run_time"):
+        OmegaConf.register_new_resolver("run_time", run_time, use_cache=True)

@@ -100,8 +100,9 @@ def run(cfg: DictConfig) -> float:
     import torch
 
     from lab import checkpoint as ckpt
+    from lab import distributed
     from lab.data import build_data, build_loaders
-    from lab.loggers import build_loggers, flatten
+    from lab.loggers import LoggerFanOut, build_loggers, flatten
     from lab.models import build_model
     from lab.monitor import build_monitor
     from lab.optim import build_optimizer, build_schedulers
@@ -111,9 +112,11 @@ def run(cfg: DictConfig) -> float:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("print_config", True):
-        print_config(cfg)
     device = resolve_device(cfg.trainer.device)
+    ddp, device = distributed.setup(cfg.trainer, device)  # one process, or one rank of a torchrun job
+    main_rank = ddp.is_main  # only rank 0 prints, logs and writes files
+    if cfg.get("print_config", True) and main_rank:
+        print_config(cfg)
     if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
@@ -122,7 +125,7 @@ def run(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
 
     splits = build_data(cfg.data)
-    loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed)
+    loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
     if resume is not None:
         ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
@@ -132,24 +135,32 @@ def run(cfg: DictConfig) -> float:
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     input_shape = (1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    summary = model_summary(model, input_shape, device)
-    (output_dir / "model_summary.txt").write_text(summary + "\n")
-    log.info("model summary:\n%s", summary)
-    write_json(output_dir / "run_info.json", run_info())
-    write_json(output_dir / "class_names.json", {"class_names": splits.class_names})
+    summary = model_summary(model, input_shape, device) if main_rank else ""
+    if main_rank:
+        (output_dir / "model_summary.txt").write_text(summary + "\n")
+        log.info("model summary:\n%s", summary)
+        write_json(output_dir / "run_info.json", run_info())
+        write_json(output_dir / "class_names.json", {"class_names": splits.class_names})
     forward_model = None
     if hasattr(model, "can_cache_features"):
         from lab.data.features import cached_loaders, use_cache
 
         if use_cache(model, splits):  # a frozen backbone: compute its features once, train the head on them
-            loaders = cached_loaders(model, splits, cfg.data, device, cfg.trainer.seed)
+            loaders = cached_loaders(
+                model, splits, cfg.data, device, cfg.trainer.seed, ddp.rank, ddp.world_size
+            )
             forward_model = model.head
 
     optimizer = build_optimizer(cfg.optimizer, model)
     num_batches = len(loaders["train"])
     schedulers = build_schedulers(cfg.scheduler, optimizer, num_batches, cfg.trainer.max_epochs)
-    checkpointer = ckpt.Checkpointer(**OmegaConf.to_container(cfg.checkpoint, resolve=True))
-    loggers = build_loggers(cfg.get("logger"))
+    checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
+    if not main_rank:
+        checkpoint_cfg |= {"save_last": False, "save_top_k": 0}
+    checkpointer = ckpt.Checkpointer(**checkpoint_cfg)
+    loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
+    if not main_rank:
+        cfg.trainer.progress_bar = False
     callbacks = [
         *getattr(model, "callbacks", list)(),
         *build_monitor(cfg.get("monitor"), cfg.data, splits.class_names),
@@ -160,6 +171,11 @@ def run(cfg: DictConfig) -> float:
                                   "loggers": loggers.state_dict()},
         callbacks=callbacks, forward_model=forward_model,
     )  # fmt: skip
+    if ddp.enabled:
+        # Gradients all-reduced in backward; trainer.model stays the plain module (the head alone on cached features).
+        wrapped = ddp.wrap(forward_model or model)
+        trainer.forward_model = torch.compile(wrapped) if cfg.trainer.compile else wrapped
+        trainer.reduce = ddp.all_reduce_sum
     if resume is not None and cfg.train:
         trainer.load_checkpoint_state(resume)
         loggers.resume(trainer.state.global_step, resume.get("loggers") or {})
@@ -178,6 +194,7 @@ def run(cfg: DictConfig) -> float:
         loggers.log_text("model_summary", summary)
         if cfg.train:
             trainer.fit()
+        ddp.barrier()  # rank 0 has written best.pt
         # Final evaluation on the best weights (last ones when no best.pt was written).
         if cfg.train and checkpointer.best_path.is_file():
             model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
@@ -196,7 +213,8 @@ def run(cfg: DictConfig) -> float:
             "global_step": trainer.state.global_step,
             "status": "success",
         }
-        write_json(output_dir / "metrics.json", summary_metrics)
+        if main_rank:
+            write_json(output_dir / "metrics.json", summary_metrics)
         log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         status = "success"
     except BaseException as e:
@@ -206,4 +224,5 @@ def run(cfg: DictConfig) -> float:
         raise
     finally:
         loggers.close(status)
+        ddp.close()
     return float(best) if best is not None else math.nan

@@ -81,6 +81,12 @@ class Metrics:
             self.correct_top5 += (logits.topk(5, 1).indices == targets[:, None]).any(1).sum()
         self.count += len(targets)
 
+    def merge(self, other: Metrics) -> None:
+        """Add another window's sums (the loop updates one window per step and folds it in when logging)."""
+        self.loss += other.loss
+        self.correct += other.correct
+        self.count += other.count
+
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         count = torch.tensor(float(self.count), device=self.device)
         values = torch.stack([self.loss.float(), self.correct.float(), count, self.correct_top5.float()])
@@ -270,7 +276,9 @@ class Trainer:
     def train_epoch(self, loader: Any, num_batches: int) -> dict[str, float]:
         cfg, state = self.cfg, self.state
         model, optimizer, scaler = self.forward_model, self.optimizer, self.scaler
-        accumulate = cfg.accumulate_grad_batches
+        # Plain Python values: an OmegaConf attribute lookup per step costs more than the metric update.
+        accumulate, log_every = cfg.accumulate_grad_batches, cfg.log_every_n_steps
+        clip = cfg.gradient_clip_val
         model.train()
         loader.set_epoch(state.epoch)
         epoch_metrics, window = Metrics(self.device), Metrics(self.device)
@@ -282,20 +290,20 @@ class Trainer:
             with self.autocast():
                 logits = model(self.prepare(x))
                 loss = F.cross_entropy(logits, y)
-            (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
-            epoch_metrics.update(loss, logits, y)
+            scaled = loss / accumulate if accumulate > 1 else loss
+            (scaler.scale(scaled) if scaler else scaled).backward()
             window.update(loss, logits, y)
             state.batch_in_epoch = index + 1
             if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
                 continue  # accumulate gradients over more batches
 
-            log_now = (state.global_step + 1) % cfg.log_every_n_steps == 0
+            log_now = (state.global_step + 1) % log_every == 0
             self.callback("on_after_backward")
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = None
-            if cfg.gradient_clip_val:
-                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.gradient_clip_val)
+            if clip:
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             elif log_now:
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
             if scaler is not None:
@@ -321,12 +329,14 @@ class Trainer:
                         loss=f"{metrics['train/loss']:.4f}",
                         samples_s=f"{metrics['train/samples_per_sec']:.0f}",
                     )
+                epoch_metrics.merge(window)
                 window.reset()
                 window_start = time.perf_counter()
             if self.checkpointer.step_due(state.global_step):
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
                 break
+        epoch_metrics.merge(window)
         metrics = epoch_metrics.compute("train", self.reduce)
         self.check_finite(metrics["train/loss"])
         return metrics

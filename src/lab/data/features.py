@@ -54,15 +54,24 @@ def extract(features: nn.Module, dataset: Any, cfg: DictConfig, transform: Any, 
 
 
 def cached_loaders(
-    model: nn.Module, splits: DataSplits, cfg: DictConfig, device: torch.device, seed: int
+    model: nn.Module,
+    splits: DataSplits,
+    cfg: DictConfig,
+    device: torch.device,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, InMemoryLoader]:
+    """Every rank extracts the whole split (it is cheap next to training) and serves its own shard."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     loaders = {}
     for stage in ("train", "val", "test"):
         x, y = extract(model.features, getattr(splits, stage), cfg, splits.transform, device)
-        loaders[stage] = InMemoryLoader(x.clone(), y.clone(), cfg.batch_size, stage == "train", seed)
+        loaders[stage] = InMemoryLoader(
+            x.clone(), y.clone(), cfg.batch_size, stage == "train", seed, rank=rank, world_size=world_size
+        )
     model.train(was_training)
     log.info("cached backbone features %s in %.1fs: the head trains on them", tuple(x.shape[1:]),
              time.perf_counter() - start)  # fmt: skip

@@ -94,6 +94,14 @@ class DeviceLoader:
             yield (self.transform(x) if self.transform is not None else x), y
 
 
+def default_num_workers() -> int:
+    """`data.num_workers: null`: one worker per CPU this process may use, keeping one for the loop (max 8)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cpus - 1)
+
+
 def _seed_worker(worker_id: int) -> None:
     import random
 
@@ -110,12 +118,14 @@ def make_dataloader(
     shuffle: bool,
     device: torch.device,
     seed: int,
-    num_workers: int,
+    num_workers: int | None,
     transform: Transform | None = None,
     rank: int = 0,
     world_size: int = 1,
     prefetch_factor: int | None = None,
 ) -> DeviceLoader:
+    if num_workers is None:
+        num_workers = default_num_workers()
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(
         dataset,

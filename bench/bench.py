@@ -1,0 +1,279 @@
+"""How much does the template cost? `make bench` (or `python bench/bench.py --help`).
+
+In one process, on the same data, model, optimizer, batch size and number of epochs, it times
+
+* **hand-written**: a minimal PyTorch loop: `DataLoader(TensorDataset)`, forward, backward, step, and a validation
+  pass each epoch (accuracy counted on the device); no logging, no checkpoints;
+* **lab**: the real `lab.train.run(cfg)` that `python train.py` runs, with logging (TensorBoard, progress bar,
+  train.log) and checkpointing (last.pt + best.pt every epoch) at their defaults, timed around `Trainer.fit`:
+  - `lab dataloader`: `data.in_memory=false`, the same DataLoader path as the hand-written loop;
+  - `lab dataloader logger=none`: the same without the TensorBoard logger;
+  - `lab in-memory`: the default fast path (whole split on the device, batches by index).
+
+Repetitions are interleaved (hand-written, lab, lab, lab; again ...) after one warm-up round, and the median is
+reported. samples/s counts training samples (epochs x train split / wall time of train + validation). It also
+prints the wall time of one validation pass, and the time from `python train.py` starting to its first optimizer
+step, against `python -c "import torch, torchvision"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import lab  # noqa: E402, F401  (registers resolvers)
+from lab import trainer as lab_trainer  # noqa: E402
+from lab.data import build_data  # noqa: E402
+from lab.train import run  # noqa: E402
+
+# Targets of issue 7 (CPU): lab / hand-written.
+TARGETS = {"lab dataloader": 0.97, "lab dataloader logger=none": 0.99, "lab in-memory": 1.5}
+MODES = {
+    "lab dataloader": ["data.in_memory=false"],
+    "lab dataloader logger=none": ["data.in_memory=false", "logger=none"],
+    "lab in-memory": [],
+}
+DATASETS = {  # name → overrides; the MNIST-sized set is generated (60,000 x 1 x 28 x 28)
+    "digits": ["data=digits"],
+    "mnist-sized": ["data=synthetic"],
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compose_cfg(overrides: list[str], output_dir: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "train", overrides=[f"paths.output_dir={output_dir}", "print_config=false", *overrides]
+        )
+
+
+def handwritten(cfg, splits, epochs: int, device: torch.device) -> float:
+    """The loop a user would write by hand; returns seconds for `epochs` epochs of train + validation."""
+    torch.manual_seed(cfg.trainer.seed)
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    workers = cfg.data.num_workers or 0
+    pin = device.type == "cuda"
+    common = dict(
+        batch_size=cfg.data.batch_size, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
+    )
+    train = DataLoader(splits.train, shuffle=True, **common)
+    val = DataLoader(splits.val, **common)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in train:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        with torch.no_grad():
+            for x, y in val:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                correct += (model(x).argmax(1) == y).sum()
+        correct.item()  # the hand-written loop reads its accuracy once per epoch
+    sync(device)
+    return time.perf_counter() - start
+
+
+class FitTimer:
+    """Wraps `Trainer.fit` and `Trainer.evaluate` to time the real loop inside `lab.train.run`."""
+
+    def __init__(self) -> None:
+        self.fit_seconds = 0.0
+        self.val_seconds: list[float] = []
+        self._fit, self._evaluate = lab_trainer.Trainer.fit, lab_trainer.Trainer.evaluate
+
+    def __enter__(self) -> FitTimer:
+        timer, fit, evaluate = self, self._fit, self._evaluate
+
+        def timed_fit(trainer, *args, **kwargs):
+            sync(trainer.device)
+            start = time.perf_counter()
+            try:
+                return fit(trainer, *args, **kwargs)
+            finally:
+                sync(trainer.device)
+                timer.fit_seconds = time.perf_counter() - start
+
+        def timed_evaluate(trainer, stage, *args, **kwargs):
+            start = time.perf_counter()
+            result = evaluate(trainer, stage, *args, **kwargs)  # returns floats: already synchronised
+            if stage == "val":
+                timer.val_seconds.append(time.perf_counter() - start)
+            return result
+
+        lab_trainer.Trainer.fit, lab_trainer.Trainer.evaluate = timed_fit, timed_evaluate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lab_trainer.Trainer.fit, lab_trainer.Trainer.evaluate = self._fit, self._evaluate
+
+
+def lab_run(overrides: list[str], workdir: Path) -> FitTimer:
+    output_dir = tempfile.mkdtemp(dir=workdir)
+    cfg = compose_cfg(overrides, output_dir)
+    # What Hydra's job logging does for `python train.py`: INFO lines to <run dir>/train.log.
+    handler = logging.FileHandler(Path(output_dir) / "train.log")
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        with FitTimer() as timer:
+            run(cfg)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    return timer
+
+
+def bench_case(dataset: str, model: str, args, workdir: Path) -> list[dict]:
+    base = [
+        *DATASETS[dataset],
+        f"model={model}",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.device={args.device}",
+        f"data.num_workers={args.num_workers}",
+        "test=false",
+        *args.overrides,
+    ]
+    cfg = compose_cfg(base, str(workdir))
+    splits = build_data(cfg.data)  # the same preprocessed tensors that lab trains on
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if args.device == "auto" and device.type != "cuda":
+        device = torch.device("cpu")
+    n_train = len(splits.train) * args.epochs
+    times: dict[str, list[float]] = {"hand-written": [], **{mode: [] for mode in MODES}}
+    val_times: list[float] = []
+    for rep in range(args.reps + 1):  # round 0 warms up (imports, allocator, cudnn autotuning) and is dropped
+        hand = handwritten(cfg, splits, args.epochs, device)
+        lab_times = {mode: lab_run([*base, *extra], workdir) for mode, extra in MODES.items()}
+        if rep == 0:
+            continue
+        times["hand-written"].append(hand)
+        for mode, timer in lab_times.items():
+            times[mode].append(timer.fit_seconds)
+        val_times += lab_times["lab in-memory"].val_seconds
+    hand_rate = n_train / statistics.median(times["hand-written"])
+    rows = [{"case": f"{dataset} {model}", "mode": "hand-written DataLoader", "samples_s": hand_rate}]
+    for mode in MODES:
+        rate = n_train / statistics.median(times[mode])
+        rows.append({"case": f"{dataset} {model}", "mode": mode, "samples_s": rate, "ratio": rate / hand_rate,
+                     "target": TARGETS[mode]})  # fmt: skip
+    epoch_s = statistics.median(times["lab in-memory"]) / args.epochs
+    val_s = statistics.median(val_times)
+    rows.append({"case": f"{dataset} {model}", "mode": "validation pass (in-memory)",
+                 "note": f"{val_s * 1000:.1f} ms per epoch = {100 * val_s / epoch_s:.1f}% of an epoch"})  # fmt: skip
+    return rows
+
+
+def wall(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def first_step(args, workdir: Path) -> list[dict]:
+    """Process start → first optimizer step of `python train.py`, against importing torch (+ torchvision)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    probe = [sys.executable, str(ROOT / "bench" / "first_step.py"), f"hydra.run.dir={workdir}/first_step"]
+    results: dict[str, list[float]] = {"import torch": [], "import torch, torchvision": [], "train.py": []}
+    imported = ""
+    for rep in range(args.reps + 1):
+        t_torch = wall([sys.executable, "-c", "import torch"], env)
+        t_vision = wall([sys.executable, "-c", "import torch, torchvision"], env)
+        start = time.time()
+        out = subprocess.run(probe, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        line = next(line for line in out.splitlines() if line.startswith("FIRST_STEP"))
+        _, stamp, imported = line.split(maxsplit=2)
+        if rep == 0:
+            continue  # warm file cache
+        results["import torch"].append(t_torch)
+        results["import torch, torchvision"].append(t_vision)
+        results["train.py"].append(float(stamp) - start)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    extra = med["train.py"] - med["import torch, torchvision"]
+    startup = f"{med['train.py']:.2f} s ({extra:+.2f} s vs torch+torchvision, target ≤ +1 s; {imported})"
+    return [
+        {"case": "startup", "mode": "python -c 'import torch'", "note": f"{med['import torch']:.2f} s"},
+        {
+            "case": "startup",
+            "mode": "python -c 'import torch, torchvision'",
+            "note": f"{med['import torch, torchvision']:.2f} s",
+        },
+        {"case": "startup", "mode": "python train.py → first step", "note": startup},
+    ]
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| case | mode | samples/s | lab / hand-written | target | |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in rows:
+        if "note" in r:
+            print(f"| {r['case']} | {r['mode']} | | | | {r['note']} |")
+            continue
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+        target = f"≥ {r['target']}x" if "target" in r else ""
+        ok = ("met" if r["ratio"] >= r["target"] else "MISSED") if "target" in r else ""
+        print(f"| {r['case']} | {r['mode']} | {r['samples_s']:,.0f} | {ratio} | {target} | {ok} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="digits:simple_cnn,digits:mlp,mnist-sized:mlp",
+                        help="dataset:model pairs; datasets: " + ", ".join(DATASETS))  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median), after one warm-up")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, both loops")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--skip-startup", action="store_true", help="skip the time-to-first-step measurement")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra train.py overrides for every lab run and the shared setup"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device != "cpu" and torch.cuda.is_available() else ""))  # fmt: skip
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lab-bench-") as tmp:
+        workdir = Path(tmp)
+        for case in args.cases.split(","):
+            dataset, model = case.split(":")
+            print(f"timing {dataset} / {model} ({args.reps} reps x {args.epochs} epochs) ...", flush=True)
+            rows += bench_case(dataset, model, args, workdir)
+            print_table(rows[-5:])
+        if not args.skip_startup:
+            print("timing startup ...", flush=True)
+            rows += first_step(args, workdir)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Multi-process data parallel training on PyTorch's own engine: `torchrun --nproc_per_node=N train.py trainer=ddp`.
+
+torchrun starts N copies of `train.py` and tells each its place through the environment (`RANK`, `LOCAL_RANK`,
+`WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`); nothing is read from the command line (Hydra would reject
+`--local_rank`). Before Hydra composes the config, `agree_on_run()` makes every rank use rank 0's run id and
+start time, so that all ranks resolve the same run dir (hydra issue 2070). `setup()` picks the device (GPU
+`LOCAL_RANK`) and the process group backend (nccl on CUDA, gloo on the CPU); the loop then sees a
+`DistributedDataParallel` model, sharded loaders and an all-reduce for its metrics. Only rank 0 logs, prints and
+writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _init_process_group() -> None:
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl")  # nccl for the gradients, gloo for small host objects
+    else:
+        dist.init_process_group("gloo")
+
+
+def agree_on_run() -> None:
+    """Under torchrun: export rank 0's `LAB_RUN_ID` and `LAB_RUN_TIME` to every rank; a no-op otherwise.
+
+    Called before `@hydra.main`, so `${run_id:}` and `${run_time:...}` in the run dir resolve the same everywhere.
+    """
+    if world_size() <= 1 or (os.environ.get("LAB_RUN_ID") and os.environ.get("LAB_RUN_TIME")):
+        return
+    from lab.resolvers import run_id
+
+    _init_process_group()
+    agreed = [run_id(), os.environ.get("LAB_RUN_TIME") or datetime.now().isoformat()]
+    dist.broadcast_object_list(agreed, src=0)
+    os.environ["LAB_RUN_ID"], os.environ["LAB_RUN_TIME"] = agreed
+    import lab.resolvers
+
+    lab.resolvers._RUN_ID = agreed[0]  # in case it was already resolved on this rank
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job: world_size 1 and rank 0 for a plain `python train.py`."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    sync_batchnorm: bool = False
+    find_unused_parameters: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`DistributedDataParallel` around the plain model (checkpoints keep saving the plain one)."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        if self.sync_batchnorm and on_cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if on_cuda else None,
+            find_unused_parameters=self.find_unused_parameters,
+        )
+
+    @staticmethod
+    def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group when started by torchrun (`cfg` is `trainer`); returns this rank's place and device."""
+    strategy = str(cfg.get("strategy", "auto"))
+    if strategy not in ("auto", "ddp"):
+        raise UserError(f"unknown strategy {strategy!r}", "trainer.strategy", "use auto or ddp")
+    if world_size() <= 1:
+        if strategy == "ddp":
+            raise UserError(
+                "trainer=ddp needs one process per device, started by torchrun",
+                "trainer.strategy=ddp",
+                "run `torchrun --nproc_per_node=N train.py trainer=ddp` (or `make train-ddp NPROC=N`)",
+            )
+        return Distributed(device=device), device
+    _init_process_group()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    elif cfg.get("sync_batchnorm"):
+        log.warning(
+            "trainer.sync_batchnorm needs CUDA: BatchNorm statistics stay per process on %s", device.type
+        )
+    info = Distributed(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device,
+        sync_batchnorm=bool(cfg.get("sync_batchnorm", False)),
+        find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
+    )
+    if not info.is_main:
+        quiet()
+    return info, device
+
+
+def quiet() -> None:
+    """Non-zero ranks: warnings and errors only, on the console; train.log is rank 0's."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    root.setLevel(logging.WARNING)

@@ -1,0 +1,81 @@
+"""DistributedDataParallel through the real `torchrun` on the CPU (gloo): one run dir, rank 0 writes, the model
+after one step equals a single process with the same global batch, resume works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, cli_env, run_train
+
+# No dropout (its random masks differ between one process and two) and no BatchNorm (its statistics are per
+# process on the CPU): with these, two processes of batch 16 must take exactly the step of one of batch 32.
+MODEL = ["model=mlp", "model.dropout=0", "logger=csv", "trainer.progress_bar=false", "print_config=false"]
+
+
+def torchrun(log_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 train.py trainer=ddp ...` with the default run dir."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "train.py"), "trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def only_run_dir(log_dir: Path) -> Path:
+    runs = sorted((log_dir / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs  # every rank used rank 0's run dir (hydra issue 2070)
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path):
+    one_step = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
+    torchrun(tmp_path / "ddp", *one_step, "data.batch_size=16")
+    run_dir = only_run_dir(tmp_path / "ddp")
+    run_train(tmp_path / "single", *MODEL, *one_step, "data.batch_size=32")
+
+    ddp = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    single = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
+    assert ddp["global_step"] == 1
+    assert set(ddp["model"]) == set(single["model"])  # the unwrapped model's keys (no "module." prefix)
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, atol=1e-6, rtol=1e-5)
+
+    # The training loss of that step is all-reduced over both halves of the batch: the one-process value.
+    ddp_loss = (run_dir / "metrics.csv").read_text().splitlines()
+    single_loss = (tmp_path / "single" / "metrics.csv").read_text().splitlines()
+    header = ddp_loss[0].split(",")
+    column = header.index("train/loss")
+    assert float(ddp_loss[1].split(",")[column]) == pytest.approx(
+        float(single_loss[1].split(",")[column]), abs=1e-5
+    )
+    # Only rank 0 logs: each epoch line once in train.log.
+    log = (run_dir / "train.log").read_text()
+    assert log.count("epoch 1/1") == 1
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "success"
+
+
+@pytest.mark.slow
+def test_ddp_resumes_from_its_checkpoint(tmp_path):
+    torchrun(tmp_path / "first", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
+    last = only_run_dir(tmp_path / "first") / "checkpoints" / "last.pt"
+    torchrun(
+        tmp_path / "resumed", "trainer.max_epochs=2", "trainer.limit_train_batches=3", f"ckpt_path={last}"
+    )
+    run_dir = only_run_dir(tmp_path / "resumed")
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 6
+    assert "resumed from" in (run_dir / "train.log").read_text()
+
+
+def test_trainer_ddp_without_torchrun_says_how_to_start_it(tmp_path):
+    proc = run_train(tmp_path, "trainer=ddp", "debug=fast", check=False)
+    assert proc.returncode == 2
+    assert "torchrun --nproc_per_node=N train.py trainer=ddp" in proc.stderr
+    assert "Traceback" not in proc.stderr
