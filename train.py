@@ -14,4 +14,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from lab.redact import load_env
+
+    load_env()  # `.env` (git-ignored) → environment, before Hydra composes the config
     main()

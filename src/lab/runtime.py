@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lab.errors import UserError
+from lab.redact import redact_override
 
 KEY_PACKAGES = (
     "torch",
@@ -140,6 +141,6 @@ def run_info() -> dict[str, Any]:
         "hostname": platform.node(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "command": [sys.executable, *sys.argv],
+        "command": [sys.executable, *map(redact_override, sys.argv)],
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -76,6 +76,14 @@ class Metrics:
         self.correct += (logits.argmax(1) == targets).sum()
         self.count += len(targets)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.detach().cpu(), "correct": self.correct.detach().cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss = state["loss"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.count = int(state["count"])
+
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         values = torch.stack([self.loss.float(), self.correct.float(), torch.tensor(float(self.count))])
         if reduce is not None:  # all-reduce across ranks under DDP
@@ -112,6 +120,12 @@ class Trainer:
         self.monitor, self.mode = checkpointer.monitor, checkpointer.mode
         self.state = TrainState()
         self.stop_signal: int | None = None
+        self.nan_policy = str(cfg.get("nan_policy", "stop"))
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
+        # Running sums of the epoch in progress; saved in mid-epoch checkpoints so a resumed epoch reports the
+        # same train/loss and train/acc as an uninterrupted one.
+        self.epoch_metrics, self.window = Metrics(device), Metrics(device)  # the epoch, the logging window
+        self.resumed_metrics: dict[str, Any] | None = None
         self.reduce: Callable[[Tensor], Tensor] | None = None  # set under DDP
 
         precision = str(cfg.precision)
@@ -157,6 +171,9 @@ class Trainer:
             "batch_in_epoch": self.state.batch_in_epoch,
             "monitor": {"name": self.monitor, "mode": self.mode, "best": self.state.best},
             "early_stopping": {"bad_epochs": self.state.bad_epochs},
+            "train_metrics": {"epoch": self.epoch_metrics.state_dict(), "window": self.window.state_dict()}
+            if self.state.batch_in_epoch
+            else None,
             "rng": rng_state(),
             **self.checkpoint_extra(),
         }
@@ -177,6 +194,8 @@ class Trainer:
             bad_epochs=state.get("early_stopping", {}).get("bad_epochs", 0),
         )
         self.checkpointer.load_state_dict(state.get("checkpointer", {}))
+        if self.state.batch_in_epoch:
+            self.resumed_metrics = state.get("train_metrics")
         if "rng" in state:
             set_rng_state(state["rng"])
 
@@ -245,6 +264,7 @@ class Trainer:
                 )  # fmt: skip
                 self.callback("on_validation_end", val_metrics)
                 if self.checkpointer.enabled:
+                    self.check_weights_finite()
                     self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
@@ -261,6 +281,13 @@ class Trainer:
         model.train()
         loader.set_epoch(state.epoch)
         epoch_metrics, window = Metrics(self.device), Metrics(self.device)
+        if self.resumed_metrics is not None:  # mid-epoch resume: the sums of the batches already done
+            epoch_metrics.load_state_dict(self.resumed_metrics["epoch"])
+            window.load_state_dict(self.resumed_metrics["window"])
+            self.resumed_metrics = None
+        self.epoch_metrics, self.window = epoch_metrics, window
+        skip_nan = self.nan_policy == "skip"
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
         batches = islice(loader, start, num_batches)
@@ -270,6 +297,11 @@ class Trainer:
                 logits = model(self.prepare(x))
                 loss = F.cross_entropy(logits, y)
             (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
+            if skip_nan:
+                finite = torch.isfinite(loss.detach())
+                nonfinite |= ~finite
+                # Keep a skipped batch out of the metrics without a host sync: its loss counts as 0.
+                loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))
             epoch_metrics.update(loss, logits, y)
             window.update(loss, logits, y)
             state.batch_in_epoch = index + 1
@@ -285,7 +317,12 @@ class Trainer:
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.gradient_clip_val)
             elif log_now:
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
-            if scaler is not None:
+            if skip_nan and bool(nonfinite):  # one host sync per optimizer step, only with nan_policy=skip
+                self.skipped_steps += 1
+                log.warning("non-finite loss at step %d: optimizer step skipped (%d so far)",
+                            state.global_step + 1, self.skipped_steps)  # fmt: skip
+                nonfinite.zero_()
+            elif scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
@@ -311,6 +348,7 @@ class Trainer:
                 window.reset()
                 window_start = time.perf_counter()
             if self.checkpointer.step_due(state.global_step):
+                self.check_weights_finite()
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
                 break
@@ -325,8 +363,18 @@ class Trainer:
                 "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
             )
 
+    def check_weights_finite(self) -> None:
+        """Called before every checkpoint write (one sync each), so a diverged state never reaches the disk."""
+        params = [p.detach() for p in self.model.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingDiverged(
+                f"the weights hold NaN/Inf at step {self.state.global_step}: lower optimizer.lr, set "
+                "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
+            )
+
     def save_interrupted(self) -> None:
         if self.checkpointer.save_last:
+            self.check_weights_finite()
             self.checkpointer.save_step(self.checkpoint_state())
             log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
                         self.state.batch_in_epoch)  # fmt: skip
