@@ -11,6 +11,7 @@ import io
 import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     where = f"ckpt_path={path}"
     if not path.is_file():
-        raise UserError("checkpoint file not found", where, "give the path of a .pt file")
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "checkpoint file not found"
+        raise UserError(what, where, "give the path of a .pt file, e.g. <run dir>/checkpoints/last.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled Python object ({found[1]})" if found else "pickled Python objects"
         raise UserError(
-            f"refused: the file holds pickled Python objects, which could run code on load ({first[:120]})",
+            f"refused: the file holds {what}, which could run code when loaded",
             where,
             "only load checkpoints written by lab or other plain tensor dicts",
         ) from None

@@ -102,7 +102,9 @@ def validate(cfg: DictConfig) -> None:
         positive_int(cfg, "checkpoint.every_n_steps")
     ckpt_path = get(cfg, "ckpt_path")
     if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        raise UserError("checkpoint file not found", f"ckpt_path={ckpt_path}", "give the path of a .pt file")
+        from lab.checkpoint import load
+
+        load(ckpt_path)  # raises the UserError that says what is wrong with the path
     if not get(cfg, "train") and not get(cfg, "test"):
         raise UserError("nothing to do", "train=false test=false", "set train=true and/or test=true")
     if not get(cfg, "train") and ckpt_path is None:

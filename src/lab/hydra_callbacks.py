@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lab.errors import EXIT_USER_ERROR, UserError
-
-
-def check_writable(directory: str | Path, key: str) -> None:
-    """Create `directory` and a probe file in it; any OSError becomes one clear line."""
-    directory = Path(directory)
-    probe = directory / f".write-test-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"output directory is not writable: {directory} ({e.strerror or type(e).__name__})",
-            key,
-            "choose a writable place with hydra.run.dir=... or paths.log_dir=...",
-        ) from None
+from lab.runtime import check_writable
 
 
 class CheckOutputDir(Callback):

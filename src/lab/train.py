@@ -126,11 +126,12 @@ def run(cfg: DictConfig) -> float:
     from lab.loggers import build_loggers, flatten
     from lab.optim import build_optimizer, build_schedulers
     from lab.redact import install_log_filter, redact, scrub_hydra_dir
-    from lab.runtime import resolve_device, run_info, seed_everything
+    from lab.runtime import check_launch_env, check_writable, resolve_device, run_info, seed_everything
     from lab.trainer import Trainer
 
     resolve_resume(cfg)
     validate(cfg)
+    check_launch_env()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = redact(OmegaConf.to_container(cfg, resolve=True))  # what gets printed, logged and saved
@@ -163,6 +164,8 @@ def run(cfg: DictConfig) -> float:
     num_batches = len(loaders["train"])
     schedulers = build_schedulers(cfg.scheduler, optimizer, num_batches, cfg.trainer.max_epochs)
     checkpointer = ckpt.Checkpointer(**OmegaConf.to_container(cfg.checkpoint, resolve=True))
+    if cfg.train and checkpointer.enabled:
+        check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger"))
     trainer = Trainer(
         cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,

@@ -365,8 +365,8 @@ class Trainer:
 
     def check_weights_finite(self) -> None:
         """Called before every checkpoint write (one sync each), so a diverged state never reaches the disk."""
-        params = [p.detach() for p in self.model.parameters()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # + BatchNorm stats
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             raise TrainingDiverged(
                 f"the weights hold NaN/Inf at step {self.state.global_step}: lower optimizer.lr, set "
                 "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
