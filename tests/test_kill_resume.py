@@ -22,12 +22,13 @@ from conftest import ROOT, cli_env, run_train
 
 from lab import checkpoint as ckpt
 
-# Deterministic CPU training with a checkpoint every 2 steps (21 batches an epoch, 63 steps), a scheduler,
+# Deterministic CPU training with a checkpoint every 2 steps (8 batches an epoch, 24 steps), a scheduler,
 # dropout (simple_cnn) and early-stopping state, so every piece of state has to survive the kills.
 ARGS = [
     "trainer.deterministic=true",
     "trainer.device=cpu",
     "trainer.max_epochs=3",
+    "trainer.limit_train_batches=8",
     "trainer.log_every_n_steps=3",
     "trainer.early_stopping.patience=5",
     "checkpoint.every_n_steps=2",
@@ -102,27 +103,49 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_train(run_dir, *ARGS)
-    return run_dir
+def references(tmp_path_factory: pytest.TempPathFactory):
+    """The uninterrupted run for a data loader variant, trained once per module."""
+    done: dict[str, Path] = {}
+
+    def get(loader: str) -> Path:
+        if loader not in done:
+            run_dir = tmp_path_factory.mktemp("reference") / loader
+            run_train(run_dir, *ARGS, *LOADERS[loader])
+            done[loader] = run_dir
+        return done[loader]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> Path:
+    return references("in_memory")
+
+
+# The in-memory fast path and a classic DataLoader (DistributedSampler, skipped batches on resume).
+LOADERS = {"in_memory": [], "dataloader": ["data.in_memory=false"]}
+KILLS = {"in_memory": 4, "dataloader": 2}
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume_is_bit_identical(reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_sigkill_at_random_points_then_resume_is_bit_identical(
+    loader: str, references, tmp_path: Path
+) -> None:
+    reference = references(loader)
     rng = random.Random(8)
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.pt"
     kills, finished = 0, False
     for _ in range(12):
         resume = [f"ckpt_path={last}"] if last.is_file() else []
-        proc = popen_train(run_dir, *ARGS, *resume)
-        if kills < 4:
+        proc = popen_train(run_dir, *ARGS, *LOADERS[loader], *resume)
+        if kills < KILLS[loader]:
             # Let this process write at least one checkpoint of its own, then kill it at a random moment:
             # during a step, a validation or a checkpoint write.
             wait_for_new_file(proc, last, file_id(last))
             time.sleep(rng.uniform(0.0, 0.25))
-        if proc.poll() is None and kills < 4:
+        if proc.poll() is None and kills < KILLS[loader]:
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=60)
             kills += 1
@@ -132,7 +155,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(reference: Path, 
         assert proc.returncode == 0, stderr[-3000:]
         finished = True
         break
-    assert finished and kills >= 3, (finished, kills)
+    assert finished and kills >= KILLS[loader] - 1, (finished, kills)
     assert not list((run_dir / "checkpoints").glob(".*tmp*")), "stale temp files are cleaned up on resume"
 
     assert_same_state(ckpt.load(last), ckpt.load(reference / "checkpoints" / "last.pt"))

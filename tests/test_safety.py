@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,78 @@ def test_secrets_from_dotenv_never_reach_a_file_or_the_console(tmp_path: Path) -
         assert secret.encode() not in data and other.encode() not in data, path
     saved = ckpt.load(run_dir / "checkpoints" / "last.pt")["config"]["data"]
     assert saved["api_key"] == MASK and saved["hub_token"] == MASK
+
+
+# ------------------------------------------------------------------ signals (in-process, exact moments)
+class SignallingLoader(ListLoader):
+    """Sends `signals` to this process when batch `at` is drawn: a signal at an exact point of the loop."""
+
+    def __init__(self, batches: list, at: int, signals: list[int]) -> None:
+        super().__init__(batches)
+        self.at, self.signals = at, signals
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches):
+            if index == self.at:
+                for signum in self.signals:
+                    os.kill(os.getpid(), signum)
+            yield batch
+
+
+def interrupted_trainer(tmp_path: Path, train_loader: ListLoader, val_loader: ListLoader, *overrides: str):
+    from lab.loggers import LoggerFanOut
+    from lab.optim import build_schedulers
+    from lab.trainer import Trainer
+
+    cfg = compose_config(["trainer.max_epochs=3", "trainer.progress_bar=false", *overrides], tmp_path)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max")
+    return Trainer(cfg.trainer, model, optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1),
+                   {"train": train_loader, "val": val_loader}, LoggerFanOut({}), checkpointer, torch.device("cpu"),
+                   checkpoint_extra=dict)  # fmt: skip
+
+
+def batches(n: int) -> list:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_signal_mid_epoch_finishes_the_step_and_saves(signame: str, tmp_path: Path) -> None:
+    from lab.trainer import TrainingInterrupted
+
+    signum = getattr(signal, signame)
+    trainer = interrupted_trainer(tmp_path, SignallingLoader(batches(5), at=2, signals=[signum]),
+                                  ListLoader(batches(1)), "trainer.stop_signals=[SIGINT,SIGTERM,SIGUSR1]")  # fmt: skip
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.signum == signum
+    state = ckpt.load(tmp_path / "ckpt" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (
+        0,
+        3,
+        3,
+    )  # batch 3 was finished
+    assert state["train_metrics"]["epoch"]["count"] == 12
+    assert signal.getsignal(signum) is not None and trainer.stop_signal == signum
+
+
+def test_signal_during_validation_completes_the_epoch_then_saves(tmp_path: Path) -> None:
+    from lab.trainer import TrainingInterrupted
+
+    trainer = interrupted_trainer(tmp_path, ListLoader(batches(3)),
+                                  SignallingLoader(batches(2), at=0, signals=[signal.SIGTERM]))  # fmt: skip
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    state = ckpt.load(tmp_path / "ckpt" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 0, 3)
+    assert state["monitor"]["best"] is not None and (tmp_path / "ckpt" / "best.pt").is_file()
+
+
+def test_a_second_signal_quits_at_once(tmp_path: Path) -> None:
+    trainer = interrupted_trainer(tmp_path, SignallingLoader(batches(5), at=1, signals=[signal.SIGINT] * 2),
+                                  ListLoader(batches(1)))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert not (tmp_path / "ckpt" / "last.pt").exists()  # no half-finished step was saved

@@ -186,6 +186,7 @@ class Checkpointer:
         return bool(self.save_last and self.every_n_steps and global_step % self.every_n_steps == 0)
 
     def save_step(self, state: dict[str, Any]) -> None:
+        state["checkpointer"] = self.state_dict()  # the top-k list survives a mid-epoch resume too
         write_atomic(serialize(state), self.last_path)
 
     def save_epoch(self, state: dict[str, Any], epoch: int, value: float | None, is_best: bool) -> None:
