@@ -42,9 +42,7 @@ def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
     print(line, file=sys.stderr, flush=True)
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
     metrics = Path(output_dir) / "metrics.json" if output_dir else None
-    if (
-        metrics is not None and metrics.parent.is_dir() and not metrics.exists()
-    ):  # never clobber a finished run's
+    if metrics is not None and metrics.parent.is_dir() and not metrics.exists():  # never clobber a finished run's
         write_json(metrics, {"status": status, "error": line})
     if _in_multirun():
         return math.nan  # the sweeper records a failed trial and the sweep goes on
