@@ -18,7 +18,7 @@ from torch import nn
 
 from lab import checkpoint as ckpt
 from lab.errors import UserError
-from lab.redact import MASK, RedactingFilter, redact, redact_override, scrub_hydra_dir
+from lab.redact import MASK, RedactingFilter, is_secret, redact, redact_override, scrub_hydra_dir
 
 
 def plain_state(step: int = 0) -> dict:
@@ -180,6 +180,10 @@ def test_redaction_helpers(tmp_path: Path) -> None:
                               "token_budget_none": None}  # fmt: skip
     assert redact_override("+logger.wandb.api_key=k-123456") == f"+logger.wandb.api_key={MASK}"
     assert redact_override("optimizer.lr=0.1") == "optimizer.lr=0.1"
+    assert [
+        is_secret(k) for k in ("hf_token", "WANDB_API_KEY", "client_secret", "db.password", "apikey")
+    ] == [True] * 5
+    assert [is_secret(k) for k in ("tokenizer", "max_tokens", "secretary_count", "keyboard")] == [False] * 4
     hydra_dir = tmp_path / ".hydra"
     hydra_dir.mkdir()
     (hydra_dir / "config.yaml").write_text("logger:\n  wandb:\n    api_key: k-123456\n    project: p\n")

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 MASK = "***"
-# A config key or environment variable whose name matches this holds a secret.
-SECRET_NAME = re.compile(r"(api[_-]?key|token|passw(or)?d|secret|credential|private[_-]?key)", re.IGNORECASE)
+# A config key or environment variable whose name has one of these words holds a secret (`hf_token`, `API_KEY`,
+# `client_secret`), but not `tokenizer` or `max_tokens`.
+SECRET_NAME = re.compile(
+    r"(^|[_-])(api[_-]?key|token|passw(or)?d|secret|credentials?|private[_-]?key)($|[_-])", re.IGNORECASE
+)
 
 
 def is_secret(name: str) -> bool:
