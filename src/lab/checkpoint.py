@@ -11,6 +11,7 @@ import io
 import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,23 +38,50 @@ def serialize(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+TMP_INFIX = ".tmp-"
+
+
 def write_atomic(data: bytes, path: Path) -> None:
-    """Temp file in the same dir, fsync, rename: `path` is always the old or the new complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Temp file in the same dir, fsync, rename: `path` is always the old or the new complete file.
+
+    A full disk or an unwritable dir is a `UserError` naming the file; the previous `path` is left as it was.
+    """
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise UserError(
+            f"could not write the checkpoint ({e.strerror or type(e).__name__}); the previous one is intact",
+            str(path),
+            "free disk space or point hydra.run.dir / checkpoint.dirpath at a writable place, then resume "
+            "from last.pt",
+        ) from None
+
+
+def remove_stale_temp_files(dirpath: Path) -> None:
+    """Temp files left by a process killed mid-write (`.last.pt.tmp-<pid>`): never complete, never loaded."""
+    for tmp in dirpath.glob(f".*.pt{TMP_INFIX}*"):
+        if not tmp.name.endswith(f"{TMP_INFIX}{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
+
+
+def find_last(log_dir: str | Path, task_name: str) -> Path | None:
+    """`resume=auto`: the newest `last.pt` among `<log_dir>/<task_name>/runs/*/checkpoints/`."""
+    candidates = [p for p in Path(log_dir, task_name, "runs").glob("*/checkpoints/last.pt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -61,17 +89,19 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     where = f"ckpt_path={path}"
     if not path.is_file():
-        raise UserError("checkpoint file not found", where, "give the path of a .pt file")
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "checkpoint file not found"
+        raise UserError(what, where, "give the path of a .pt file, e.g. <run dir>/checkpoints/last.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled Python object ({found[1]})" if found else "pickled Python objects"
         raise UserError(
-            f"refused: the file holds pickled Python objects, which could run code on load ({first[:120]})",
+            f"refused: the file holds {what}, which could run code when loaded",
             where,
             "only load checkpoints written by lab or other plain tensor dicts",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
         raise UserError(
             f"not a readable checkpoint, truncated or corrupt ({type(e).__name__})",
             where,
@@ -137,6 +167,8 @@ class Checkpointer:
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.strict = strict
         self.top_k: list[tuple[float, str]] = []  # (value, file name), best first
+        if self.enabled and self.dirpath.is_dir():
+            remove_stale_temp_files(self.dirpath)
 
     @property
     def enabled(self) -> bool:
@@ -154,6 +186,7 @@ class Checkpointer:
         return bool(self.save_last and self.every_n_steps and global_step % self.every_n_steps == 0)
 
     def save_step(self, state: dict[str, Any]) -> None:
+        state["checkpointer"] = self.state_dict()  # the top-k list survives a mid-epoch resume too
         write_atomic(serialize(state), self.last_path)
 
     def save_epoch(self, state: dict[str, Any], epoch: int, value: float | None, is_best: bool) -> None:

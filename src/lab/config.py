@@ -5,6 +5,7 @@ Every check raises `UserError` naming the key and the allowed values, before any
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from lab.errors import UserError
 
 PRECISIONS = ("32", "bf16", "bf16-mixed", "16-mixed")
 MODES = ("min", "max")
+NAN_POLICIES = ("stop", "skip")
 # Metrics the loop produces each epoch, i.e. what `checkpoint.monitor` may watch.
 MONITORABLE = ("val/acc", "val/loss", "train/acc", "train/loss")
 
@@ -86,6 +88,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches"):
         batch_limit(cfg, key)
     choice(cfg, "trainer.precision", PRECISIONS)
+    choice(cfg, "trainer.nan_policy", NAN_POLICIES)
+    signals = get(cfg, "trainer.stop_signals") or []
+    unknown = [name for name in signals if not str(name).startswith("SIG") or not hasattr(signal, str(name))]
+    if unknown:
+        raise UserError(
+            f"unknown signal {unknown[0]!r}", "trainer.stop_signals", "use e.g. [SIGINT,SIGTERM,SIGUSR1]"
+        )
     choice(cfg, "checkpoint.mode", MODES)
     choice(cfg, "checkpoint.monitor", MONITORABLE)
     for key in ("checkpoint.save_top_k", "checkpoint.every_n_epochs"):
@@ -94,7 +103,9 @@ def validate(cfg: DictConfig) -> None:
         positive_int(cfg, "checkpoint.every_n_steps")
     ckpt_path = get(cfg, "ckpt_path")
     if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        raise UserError("checkpoint file not found", f"ckpt_path={ckpt_path}", "give the path of a .pt file")
+        from lab.checkpoint import load
+
+        load(ckpt_path)  # raises the UserError that says what is wrong with the path
     if not get(cfg, "train") and not get(cfg, "test"):
         raise UserError("nothing to do", "train=false test=false", "set train=true and/or test=true")
     if not get(cfg, "train") and ckpt_path is None:

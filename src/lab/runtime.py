@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lab.errors import UserError
+from lab.redact import redact_override
 
 KEY_PACKAGES = (
     "torch",
@@ -59,6 +60,47 @@ def resolve_device(name: str) -> torch.device:
             f"unsupported device {name!r}", "trainer.device", "use auto, cpu, cuda, cuda:N or mps"
         )
     return device
+
+
+def check_writable(directory: str | Path, key: str) -> None:
+    """Create `directory` and a probe file in it; any OSError becomes one clear line."""
+    directory = Path(directory)
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"output directory is not writable: {directory} ({e.strerror or type(e).__name__})",
+            key,
+            "choose a writable place with hydra.run.dir=... or paths.log_dir=...",
+        ) from None
+
+
+def check_launch_env(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """`(rank, world_size)` from torchrun's variables; inconsistent ones are a user error, not a hang."""
+    env = os.environ if env is None else env
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = env.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise UserError(
+                f"must be an integer, got {text!r}", name, "launch with torchrun --nproc_per_node=N"
+            ) from None
+    world_size, rank = values["WORLD_SIZE"], values["RANK"]
+    if world_size < 1:
+        raise UserError(
+            f"world size must be >= 1, got {world_size}",
+            "WORLD_SIZE",
+            "use torchrun --nproc_per_node=N, N >= 1",
+        )
+    if not 0 <= rank < world_size or values["LOCAL_RANK"] < 0:
+        raise UserError(f"rank {rank} does not fit world size {world_size}", "RANK/WORLD_SIZE",
+                        "let torchrun set RANK and WORLD_SIZE")  # fmt: skip
+    return rank, world_size
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -140,6 +182,6 @@ def run_info() -> dict[str, Any]:
         "hostname": platform.node(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "command": [sys.executable, *sys.argv],
+        "command": [sys.executable, *map(redact_override, sys.argv)],
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -78,9 +78,11 @@ def print_config(cfg: DictConfig) -> None:
     from rich.syntax import Syntax
     from rich.tree import Tree
 
+    from lab.redact import redact
+
     tree = Tree("config", guide_style="dim")
-    for key, value in cfg.items():
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+    for key, value in redact(OmegaConf.to_container(cfg, resolve=True)).items():
+        text = OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
         tree.add(str(key)).add(Syntax(text.rstrip(), "yaml", background_color="default"))
     rich_print(tree)
 
@@ -96,6 +98,35 @@ def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
     return str(stats)
 
 
+def resolve_resume(cfg: DictConfig) -> None:
+    """`resume=auto`: continue from the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`), if any.
+
+    An explicit `ckpt_path` wins. The resumed run writes into its own new run dir (nothing earlier is touched)
+    unless `hydra.run.dir=<old run dir>` is given to continue in place.
+    """
+    from omegaconf import open_dict
+
+    from lab import checkpoint as ckpt
+
+    mode = cfg.get("resume")
+    if mode is None:
+        return
+    if mode != "auto":
+        raise UserError(f"unknown value {mode!r}", "resume", "use resume=auto or resume=null")
+    if _in_multirun():
+        raise UserError("resume=auto would give every job of a sweep the same checkpoint", "resume",
+                        "resume single runs, or pass ckpt_path per job")  # fmt: skip
+    if cfg.get("ckpt_path"):
+        return
+    found = ckpt.find_last(cfg.paths.log_dir, cfg.task_name)
+    if found is None:
+        log.info("resume=auto: no last.pt under %s/%s/runs, starting fresh", cfg.paths.log_dir, cfg.task_name)
+        return
+    with open_dict(cfg):
+        cfg.ckpt_path = str(found)
+    log.info("resume=auto: resuming from %s", found)
+
+
 def run(cfg: DictConfig) -> float:
     import torch
 
@@ -106,12 +137,19 @@ def run(cfg: DictConfig) -> float:
     from lab.models import build_model
     from lab.monitor import build_monitor
     from lab.optim import build_optimizer, build_schedulers
-    from lab.runtime import resolve_device, run_info, seed_everything
+    from lab.redact import install_log_filter, redact, scrub_hydra_dir
+    from lab.runtime import check_launch_env, check_writable, resolve_device, run_info, seed_everything
     from lab.trainer import Trainer
 
+    resolve_resume(cfg)
     validate(cfg)
+    check_launch_env()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    config = redact(resolved)  # what gets printed, logged and saved
+    scrub_hydra_dir(output_dir, resolved)
+    install_log_filter(resolved)
     device = resolve_device(cfg.trainer.device)
     ddp, device = distributed.setup(cfg.trainer, device)  # one process, or one rank of a torchrun job
     main_rank = ddp.is_main  # only rank 0 prints, logs and writes files
@@ -122,7 +160,6 @@ def run(cfg: DictConfig) -> float:
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     resume = ckpt.load(cfg.ckpt_path) if cfg.ckpt_path else None  # fail fast on a bad file
-    config = OmegaConf.to_container(cfg, resolve=True)
 
     splits = build_data(cfg.data)
     loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
@@ -158,6 +195,8 @@ def run(cfg: DictConfig) -> float:
     if not main_rank:
         checkpoint_cfg |= {"save_last": False, "save_top_k": 0}
     checkpointer = ckpt.Checkpointer(**checkpoint_cfg)
+    if cfg.train and checkpointer.enabled and main_rank:
+        check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
     if not main_rank:
         cfg.trainer.progress_bar = False
@@ -224,5 +263,6 @@ def run(cfg: DictConfig) -> float:
         raise
     finally:
         loggers.close(status)
+        log.info("loggers closed (%s)", status)
         ddp.close()
     return float(best) if best is not None else math.nan

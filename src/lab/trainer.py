@@ -85,7 +85,20 @@ class Metrics:
         """Add another window's sums (the loop updates one window per step and folds it in when logging)."""
         self.loss += other.loss
         self.correct += other.correct
+        self.correct_top5 += other.correct_top5
+        self.top5 |= other.top5
         self.count += other.count
+
+    def state_dict(self) -> dict[str, Any]:
+        sums = {"loss": self.loss, "correct": self.correct, "correct_top5": self.correct_top5}
+        return {**{k: v.detach().cpu() for k, v in sums.items()}, "top5": self.top5, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss = state["loss"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.correct_top5 = state.get("correct_top5", torch.zeros_like(state["correct"])).to(self.device)
+        self.top5 = bool(state.get("top5", False))
+        self.count = int(state["count"])
 
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         count = torch.tensor(float(self.count), device=self.device)
@@ -131,6 +144,12 @@ class Trainer:
         self.monitor, self.mode = checkpointer.monitor, checkpointer.mode
         self.state = TrainState()
         self.stop_signal: int | None = None
+        self.nan_policy = str(cfg.get("nan_policy", "stop"))
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
+        # Running sums of the epoch in progress; saved in mid-epoch checkpoints so a resumed epoch reports the
+        # same train/loss and train/acc as an uninterrupted one.
+        self.epoch_metrics, self.window = Metrics(device), Metrics(device)  # the epoch, the logging window
+        self.resumed_metrics: dict[str, Any] | None = None
         self.reduce: Callable[[Tensor], Tensor] | None = None  # set under DDP
 
         precision = str(cfg.precision)
@@ -176,6 +195,9 @@ class Trainer:
             "batch_in_epoch": self.state.batch_in_epoch,
             "monitor": {"name": self.monitor, "mode": self.mode, "best": self.state.best},
             "early_stopping": {"bad_epochs": self.state.bad_epochs},
+            "train_metrics": {"epoch": self.epoch_metrics.state_dict(), "window": self.window.state_dict()}
+            if self.state.batch_in_epoch
+            else None,
             "rng": rng_state(),
             **self.checkpoint_extra(),
         }
@@ -196,6 +218,8 @@ class Trainer:
             bad_epochs=state.get("early_stopping", {}).get("bad_epochs", 0),
         )
         self.checkpointer.load_state_dict(state.get("checkpointer", {}))
+        if self.state.batch_in_epoch:
+            self.resumed_metrics = state.get("train_metrics")
         if "rng" in state:
             set_rng_state(state["rng"])
 
@@ -264,6 +288,7 @@ class Trainer:
                 )  # fmt: skip
                 self.callback("on_validation_end", val_metrics)
                 if self.checkpointer.enabled:
+                    self.check_weights_finite()
                     self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
@@ -282,6 +307,13 @@ class Trainer:
         model.train()
         loader.set_epoch(state.epoch)
         epoch_metrics, window = Metrics(self.device), Metrics(self.device)
+        if self.resumed_metrics is not None:  # mid-epoch resume: the sums of the batches already done
+            epoch_metrics.load_state_dict(self.resumed_metrics["epoch"])
+            window.load_state_dict(self.resumed_metrics["window"])
+            self.resumed_metrics = None
+        self.epoch_metrics, self.window = epoch_metrics, window
+        skip_nan = self.nan_policy == "skip"
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
         batches = islice(loader, start, num_batches)
@@ -292,6 +324,11 @@ class Trainer:
                 loss = F.cross_entropy(logits, y)
             scaled = loss / accumulate if accumulate > 1 else loss
             (scaler.scale(scaled) if scaler else scaled).backward()
+            if skip_nan:
+                finite = torch.isfinite(loss.detach())
+                nonfinite |= ~finite
+                # Keep a skipped batch out of the metrics without a host sync: its loss counts as 0.
+                loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))
             window.update(loss, logits, y)
             state.batch_in_epoch = index + 1
             if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
@@ -306,7 +343,12 @@ class Trainer:
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             elif log_now:
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
-            if scaler is not None:
+            if skip_nan and bool(nonfinite):  # one host sync per optimizer step, only with nan_policy=skip
+                self.skipped_steps += 1
+                log.warning("non-finite loss at step %d: optimizer step skipped (%d so far)",
+                            state.global_step + 1, self.skipped_steps)  # fmt: skip
+                nonfinite.zero_()
+            elif scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
@@ -333,6 +375,7 @@ class Trainer:
                 window.reset()
                 window_start = time.perf_counter()
             if self.checkpointer.step_due(state.global_step):
+                self.check_weights_finite()
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
                 break
@@ -348,8 +391,18 @@ class Trainer:
                 "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
             )
 
+    def check_weights_finite(self) -> None:
+        """Called before every checkpoint write (one sync each), so a diverged state never reaches the disk."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # + BatchNorm stats
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise TrainingDiverged(
+                f"the weights hold NaN/Inf at step {self.state.global_step}: lower optimizer.lr, set "
+                "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
+            )
+
     def save_interrupted(self) -> None:
         if self.checkpointer.save_last:
+            self.check_weights_finite()
             self.checkpointer.save_step(self.checkpoint_state())
             log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
                         self.state.batch_in_epoch)  # fmt: skip

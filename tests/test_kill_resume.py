@@ -1,0 +1,229 @@
+"""Crash safety through the real CLI: SIGKILL at random moments, resume, and get the uninterrupted run bit for bit.
+
+Also: SIGTERM stops cleanly (last.pt, loggers closed, exit 143), resume continues the epoch count, `resume=auto`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, cli_env, run_train
+
+from lab import checkpoint as ckpt
+
+# Deterministic CPU training with a checkpoint every 2 steps (8 batches an epoch, 24 steps), a scheduler,
+# dropout (simple_cnn) and early-stopping state, so every piece of state has to survive the kills.
+ARGS = [
+    "trainer.deterministic=true",
+    "trainer.device=cpu",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=8",
+    "trainer.log_every_n_steps=3",
+    "trainer.early_stopping.patience=5",
+    "checkpoint.every_n_steps=2",
+    "scheduler=cosine",
+    "scheduler.warmup_steps=10",
+    "logger=csv",
+]
+TIMING_COLUMNS = {"train/samples_per_sec", "epoch_time"}
+
+
+def popen_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", "print_config=false"]
+    return subprocess.Popen(
+        [*args, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def wait_for_new_file(
+    proc: subprocess.Popen, path: Path, before: tuple[int, int] | None, timeout: float = 120
+):
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and file_id(path) == before and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def assert_checkpoints_readable(run_dir: Path) -> None:
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        state = ckpt.load(path)  # raises on a truncated or partial file
+        assert all(torch.isfinite(v).all() for v in state["model"].values()), path
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def epoch_lines(log: Path) -> dict[str, str]:
+    """The last `epoch k/N  train/loss=...` line of each epoch (a resumed run appends to train.log)."""
+    lines = {}
+    for line in log.read_text().splitlines():
+        if match := re.search(r"epoch (\d+/\d+)  (.*)$", line):
+            lines[match[1]] = match[2]
+    return lines
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, value in a["optimizer"]["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(
+                torch.as_tensor(tensor), torch.as_tensor(b["optimizer"]["state"][key][name])
+            ), name
+    assert a["schedulers"] == b["schedulers"]
+    assert a["monitor"] == b["monitor"] and a["early_stopping"] == b["early_stopping"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory):
+    """The uninterrupted run for a data loader variant, trained once per module."""
+    done: dict[str, Path] = {}
+
+    def get(loader: str) -> Path:
+        if loader not in done:
+            run_dir = tmp_path_factory.mktemp("reference") / loader
+            run_train(run_dir, *ARGS, *LOADERS[loader])
+            done[loader] = run_dir
+        return done[loader]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> Path:
+    return references("in_memory")
+
+
+# The in-memory fast path and a classic DataLoader (DistributedSampler, skipped batches on resume).
+LOADERS = {"in_memory": [], "dataloader": ["data.in_memory=false"]}
+KILLS = {"in_memory": 4, "dataloader": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_sigkill_at_random_points_then_resume_is_bit_identical(
+    loader: str, references, tmp_path: Path
+) -> None:
+    reference = references(loader)
+    rng = random.Random(8)
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.pt"
+    kills, finished = 0, False
+    for _ in range(12):
+        resume = [f"ckpt_path={last}"] if last.is_file() else []
+        proc = popen_train(run_dir, *ARGS, *LOADERS[loader], *resume)
+        if kills < KILLS[loader]:
+            # Let this process write at least one checkpoint of its own, then kill it at a random moment:
+            # during a step, a validation or a checkpoint write.
+            wait_for_new_file(proc, last, file_id(last))
+            time.sleep(rng.uniform(0.0, 0.25))
+        if proc.poll() is None and kills < KILLS[loader]:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+            kills += 1
+            assert_checkpoints_readable(run_dir)
+            continue
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        finished = True
+        break
+    assert finished and kills >= KILLS[loader] - 1, (finished, kills)
+    assert not list((run_dir / "checkpoints").glob(".*tmp*")), "stale temp files are cleaned up on resume"
+
+    assert_same_state(ckpt.load(last), ckpt.load(reference / "checkpoints" / "last.pt"))
+    assert_same_state(
+        ckpt.load(run_dir / "checkpoints" / "best.pt"), ckpt.load(reference / "checkpoints" / "best.pt")
+    )
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "best", "epochs", "global_step"):
+        assert ours[key] == theirs[key], key
+    # Train metrics of resumed epochs and logging windows are exact too (accumulators are checkpointed).
+    assert epoch_lines(run_dir / "train.log") == epoch_lines(reference / "train.log")
+    assert csv_rows(run_dir / "metrics.csv") == csv_rows(reference / "metrics.csv")
+
+
+def test_resume_continues_the_epoch_count_and_reproduces_the_metrics(reference: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run_train(first, *ARGS, "trainer.max_epochs=2", "scheduler.T_max=3")
+    second = tmp_path / "second"
+    run_train(second, *ARGS, f"ckpt_path={first / 'checkpoints' / 'last.pt'}")
+    assert "resumed from" in (second / "train.log").read_text()
+    assert list(epoch_lines(second / "train.log")) == ["3/3"]  # only the third epoch ran
+    assert_same_state(
+        ckpt.load(second / "checkpoints" / "last.pt"), ckpt.load(reference / "checkpoints" / "last.pt")
+    )
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (second, reference))
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "epochs"):
+        assert ours[key] == theirs[key], key
+
+
+def test_sigterm_saves_last_closes_loggers_and_exits_143(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    proc = popen_train(run_dir, "trainer.max_epochs=200", "trainer.log_every_n_steps=1",
+                       "checkpoint.every_n_steps=5")  # fmt: skip
+    wait_for_new_file(proc, last, None)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    state = ckpt.load(last)
+    log = (run_dir / "train.log").read_text()
+    assert "SIGTERM received" in log and "exiting with code 143" in log
+    assert "loggers closed (interrupted)" in log
+    # TensorBoard buffers events for 30 s (flush_secs): the last step being on disk shows close() flushed them.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert events.Scalars("train/loss")[-1].step == state["global_step"] > 0
+    # ... and the run continues from there.
+    resumed = run_train(tmp_path / "resumed", f"ckpt_path={last}", f"trainer.max_epochs={state['epoch'] + 1}")
+    assert resumed.returncode == 0
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["epochs"] == state["epoch"] + 1
+
+
+def test_resume_auto_picks_the_newest_last_pt_of_the_task(tmp_path: Path) -> None:
+    log_dir = tmp_path / "outputs"
+    common = ["debug=fast", "checkpoint=default", f"paths.log_dir={log_dir}", "task_name=job"]
+    run_train(None, *common, "resume=auto")  # nothing to resume yet: starts fresh
+    (old,) = (log_dir / "job" / "runs").iterdir()
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    time.sleep(0.05)
+    os.utime(old / "checkpoints" / "last.pt")
+    run_train(None, *common, "resume=auto", "trainer.max_epochs=2", env=cli_env(LAB_RUN_ID="second"))
+    new = next(p for p in (log_dir / "job" / "runs").iterdir() if p != old)
+    assert f"resume=auto: resuming from {old / 'checkpoints' / 'last.pt'}" in (new / "train.log").read_text()
+    assert ckpt.load(new / "checkpoints" / "last.pt")["epoch"] == 2
+    assert {
+        p: p.read_bytes() for p in old.rglob("*") if p.is_file()
+    } == before  # the old run dir is untouched

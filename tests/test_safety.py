@@ -1,0 +1,293 @@
+"""Safe loading, atomic writes under a full disk, the NaN guard (stop / skip) and secrets kept out of every file."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, cli_env, compose_config, run_train
+from torch import nn
+
+from lab import checkpoint as ckpt
+from lab.errors import UserError
+from lab.redact import MASK, RedactingFilter, is_secret, redact, redact_override, scrub_hydra_dir
+
+
+def plain_state(step: int = 0) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "epoch": 0, "global_step": step}
+
+
+# ------------------------------------------------------------------ loading
+def test_every_torch_load_in_the_project_uses_weights_only() -> None:
+    sources = [*ROOT.glob("*.py"), *(ROOT / "src").rglob("*.py")]
+    calls = [(p, m) for p in sources for m in re.finditer(r"torch\.load\(([^)]*)\)", p.read_text())]
+    assert calls
+    for path, match in calls:
+        assert "weights_only=True" in match[1], f"{path}: {match[0]}"
+
+
+def test_pickled_object_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({**plain_state(), "payload": argparse.Namespace(run="rm -rf /")}, path)
+    with pytest.raises(UserError, match=r"refused: .*argparse\.Namespace") as info:
+        ckpt.load(path)
+    assert str(path) in info.value.line()
+
+
+@pytest.mark.parametrize("cut", [0, 10, 0.5, -1])
+def test_truncated_checkpoint_error_names_the_file(cut: float, tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(plain_state(), good)
+    data = good.read_bytes()
+    size = int(len(data) * cut) if isinstance(cut, float) else (cut if cut >= 0 else len(data) + cut)
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(data[:size])
+    with pytest.raises(UserError, match="truncated or corrupt") as info:
+        ckpt.load(bad)
+    assert str(bad) in info.value.line()
+
+
+# ------------------------------------------------------------------ writing
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk cannot be made here without privileges to mount a tiny filesystem: fsync is made to fail
+    with ENOSPC, which is where a full disk shows up for a buffered write."""
+    path = tmp_path / "last.pt"
+    ckpt.write_atomic(ckpt.serialize(plain_state(1)), path)
+    before = path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match="No space left on device") as info:
+        ckpt.write_atomic(ckpt.serialize(plain_state(2)), path)
+    assert str(path) in info.value.line() and "previous one is intact" in info.value.line()
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert ckpt.load(path)["global_step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / ".last.pt.tmp-999999"
+    stale.write_bytes(b"half a checkpoint")
+    torch.save(plain_state(), tmp_path / "last.pt")
+    ckpt.Checkpointer(str(tmp_path), "val/acc", "max")
+    assert not stale.exists() and (tmp_path / "last.pt").is_file()
+
+
+def test_resume_auto_finds_the_newest_last_pt(tmp_path: Path) -> None:
+    assert ckpt.find_last(tmp_path, "task") is None
+    for i, name in enumerate(["a", "b", "c"]):
+        path = tmp_path / "task" / "runs" / name / "checkpoints" / "last.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(plain_state(i), path)
+        os.utime(path, ns=(10**18 + i * 10**9, 10**18 + (2 - abs(i - 1)) * 10**9))  # b is the newest
+    (tmp_path / "other" / "runs" / "z" / "checkpoints").mkdir(parents=True)
+    assert ckpt.find_last(tmp_path, "task") == tmp_path / "task" / "runs" / "b" / "checkpoints" / "last.pt"
+
+
+# ------------------------------------------------------------------ NaN / Inf
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # SGD at lr=1e6 overflows within a few steps. Checkpoints every step, loss checked only every 50: the weight
+    # check before each write is what keeps the diverged state (incl. BatchNorm statistics) off the disk.
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, "optimizer=sgd", "optimizer.lr=1e6", "checkpoint.every_n_steps=1",
+                     "trainer.log_every_n_steps=50", "trainer.max_epochs=2", check=False)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "NaN/Inf" in errors[0]
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    step = int(re.search(r"at step (\d+)", errors[0])[1])
+    assert state["global_step"] == step - 1  # the newest good state
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_a_diverged_job_is_a_failed_objective_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_train(None, "hydra.mode=MULTIRUN", "optimizer=sgd", "optimizer.lr=1e6,0.05", f"hydra.sweep.dir={sweep}", *TINY,
+                     "trainer.log_every_n_steps=1", "logger=none")  # fmt: skip
+    assert proc.returncode == 0
+    first, second = (json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1))
+    assert first["status"] == "diverged" and second["status"] == "success"
+
+
+class ListLoader:
+    """The loop's loader interface (`set_epoch`, `len`, iteration) over fixed batches."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def fit_on(batches: list, nan_policy: str, tmp_path: Path) -> nn.Module:
+    from lab.loggers import LoggerFanOut
+    from lab.optim import build_schedulers
+    from lab.trainer import Trainer
+
+    cfg = compose_config([f"trainer.nan_policy={nan_policy}", "trainer.max_epochs=1", "trainer.progress_bar=false",
+                          "trainer.log_every_n_steps=1"], tmp_path)  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loaders = {"train": ListLoader(batches), "val": ListLoader(batches[:1])}
+    checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max", save_last=False, save_top_k=0)
+    trainer = Trainer(cfg.trainer, model, optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1), loaders,
+                      LoggerFanOut({}), checkpointer, torch.device("cpu"), checkpoint_extra=dict)  # fmt: skip
+    trainer.fit()
+    return model
+
+
+def test_nan_policy_skip_skips_exactly_the_bad_steps(tmp_path: Path) -> None:
+    from lab.trainer import TrainingDiverged
+
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)
+    ]
+    poisoned = [*batches[:2], (torch.full((8, 1, 8, 8), float("inf")), batches[0][1]), *batches[2:]]
+    skipped = fit_on(poisoned, "skip", tmp_path / "a")
+    clean = fit_on(batches, "skip", tmp_path / "b")
+    for a, b in zip(skipped.parameters(), clean.parameters(), strict=True):
+        assert torch.equal(a, b)  # the poisoned step changed nothing, not even Adam's moments or step count
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        fit_on(poisoned, "stop", tmp_path / "c")
+
+
+# ------------------------------------------------------------------ secrets
+def test_redaction_helpers(tmp_path: Path) -> None:
+    config = {"logger": {"wandb": {"api_key": "k-123456", "project": "p"}}, "x": [{"password": "pw-123456"}],
+              "token_budget_none": None}  # fmt: skip
+    assert redact(config) == {"logger": {"wandb": {"api_key": MASK, "project": "p"}}, "x": [{"password": MASK}],
+                              "token_budget_none": None}  # fmt: skip
+    assert redact_override("+logger.wandb.api_key=k-123456") == f"+logger.wandb.api_key={MASK}"
+    assert redact_override("optimizer.lr=0.1") == "optimizer.lr=0.1"
+    assert [
+        is_secret(k) for k in ("hf_token", "WANDB_API_KEY", "client_secret", "db.password", "apikey")
+    ] == [True] * 5
+    assert [is_secret(k) for k in ("tokenizer", "max_tokens", "secretary_count", "keyboard")] == [False] * 4
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text("logger:\n  wandb:\n    api_key: k-123456\n    project: p\n")
+    (hydra_dir / "overrides.yaml").write_text("- +logger.wandb.api_key=k-123456\n- optimizer.lr=0.1\n")
+    scrub_hydra_dir(tmp_path, config)
+    assert (
+        "k-123456" not in (hydra_dir / "config.yaml").read_text() + (hydra_dir / "overrides.yaml").read_text()
+    )
+    assert "project: p" in (hydra_dir / "config.yaml").read_text()
+    record = logging.LogRecord("lab", logging.INFO, __file__, 1, "key is %s", ("k-123456",), None)
+    RedactingFilter({"k-123456"}).filter(record)
+    assert record.getMessage() == f"key is {MASK}"
+
+
+def test_secrets_from_dotenv_never_reach_a_file_or_the_console(tmp_path: Path) -> None:
+    secret, other = "sk-live-0123456789abcdef", "tok-9876543210"
+    (tmp_path / ".env").write_text(f"LAB_TEST_API_KEY={secret}\n")
+    run_dir = tmp_path / "run"
+    # The key reaches the config only through `.env` (oc.env fails without it), so the run succeeding proves
+    # `.env` was read; a second secret comes straight from the command line.
+    proc = run_train(run_dir, *TINY, "logger=csv", "print_config=true", "+data.api_key=${oc.env:LAB_TEST_API_KEY}",
+                     f"+data.hub_token={other}", cwd=tmp_path, env=cli_env())  # fmt: skip
+    assert "api_key" in proc.stdout and MASK in proc.stdout  # the printed config shows the key, masked
+    for text in (proc.stdout, proc.stderr):
+        assert secret not in text and other not in text
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "last.pt" for p in files) and any(p.name == "config.yaml" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert secret.encode() not in data and other.encode() not in data, path
+    saved = ckpt.load(run_dir / "checkpoints" / "last.pt")["config"]["data"]
+    assert saved["api_key"] == MASK and saved["hub_token"] == MASK
+
+
+# ------------------------------------------------------------------ signals (in-process, exact moments)
+class SignallingLoader(ListLoader):
+    """Sends `signals` to this process when batch `at` is drawn: a signal at an exact point of the loop."""
+
+    def __init__(self, batches: list, at: int, signals: list[int]) -> None:
+        super().__init__(batches)
+        self.at, self.signals = at, signals
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches):
+            if index == self.at:
+                for signum in self.signals:
+                    os.kill(os.getpid(), signum)
+            yield batch
+
+
+def interrupted_trainer(tmp_path: Path, train_loader: ListLoader, val_loader: ListLoader, *overrides: str):
+    from lab.loggers import LoggerFanOut
+    from lab.optim import build_schedulers
+    from lab.trainer import Trainer
+
+    cfg = compose_config(["trainer.max_epochs=3", "trainer.progress_bar=false", *overrides], tmp_path)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max")
+    return Trainer(cfg.trainer, model, optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1),
+                   {"train": train_loader, "val": val_loader}, LoggerFanOut({}), checkpointer, torch.device("cpu"),
+                   checkpoint_extra=dict)  # fmt: skip
+
+
+def batches(n: int) -> list:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_signal_mid_epoch_finishes_the_step_and_saves(signame: str, tmp_path: Path) -> None:
+    from lab.trainer import TrainingInterrupted
+
+    signum = getattr(signal, signame)
+    trainer = interrupted_trainer(tmp_path, SignallingLoader(batches(5), at=2, signals=[signum]),
+                                  ListLoader(batches(1)), "trainer.stop_signals=[SIGINT,SIGTERM,SIGUSR1]")  # fmt: skip
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.signum == signum
+    state = ckpt.load(tmp_path / "ckpt" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (
+        0,
+        3,
+        3,
+    )  # batch 3 was finished
+    assert state["train_metrics"]["epoch"]["count"] == 12
+    assert signal.getsignal(signum) is not None and trainer.stop_signal == signum
+
+
+def test_signal_during_validation_completes_the_epoch_then_saves(tmp_path: Path) -> None:
+    from lab.trainer import TrainingInterrupted
+
+    trainer = interrupted_trainer(tmp_path, ListLoader(batches(3)),
+                                  SignallingLoader(batches(2), at=0, signals=[signal.SIGTERM]))  # fmt: skip
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    state = ckpt.load(tmp_path / "ckpt" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 0, 3)
+    assert state["monitor"]["best"] is not None and (tmp_path / "ckpt" / "best.pt").is_file()
+
+
+def test_a_second_signal_quits_at_once(tmp_path: Path) -> None:
+    trainer = interrupted_trainer(tmp_path, SignallingLoader(batches(5), at=1, signals=[signal.SIGINT] * 2),
+                                  ListLoader(batches(1)))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert not (tmp_path / "ckpt" / "last.pt").exists()  # no half-finished step was saved
