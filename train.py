@@ -19,7 +19,7 @@ if __name__ == "__main__":
     from lab.redact import load_env
 
     load_env()  # `.env` (git-ignored) → environment, before Hydra composes the config
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank takes rank 0's run dir
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
         from lab.distributed import agree_on_run
 
         agree_on_run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,13 +21,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from lab.errors import UserError
+from lab.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    from lab.runtime import check_launch_env
+
+    return check_launch_env()[1]
 
 
 def rank() -> int:
@@ -38,20 +41,43 @@ def local_rank() -> int:
 
 
 def _init_process_group() -> None:
+    """Join torchrun's process group; a bad or incomplete launch environment is a `UserError`, not a hang."""
+    from lab.runtime import check_launch_env
+
     if dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-        dist.init_process_group("cpu:gloo,cuda:nccl")  # nccl for the gradients, gloo for small host objects
-    else:
-        dist.init_process_group("gloo")
+    check_launch_env()
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} not set", "WORLD_SIZE > 1",
+                        "launch with torchrun --nproc_per_node=N, which sets them")  # fmt: skip
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl"
+            )  # nccl for the gradients, gloo for small host objects
+        else:
+            dist.init_process_group("gloo")
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"torch.distributed could not start: {str(e).splitlines()[0]}", "torchrun",
+                        "check MASTER_ADDR/MASTER_PORT and that every rank was started") from None  # fmt: skip
 
 
 def agree_on_run() -> None:
     """Under torchrun: export rank 0's `LAB_RUN_ID` and `LAB_RUN_TIME` to every rank; a no-op otherwise.
 
     Called before `@hydra.main`, so `${run_id:}` and `${run_time:...}` in the run dir resolve the same everywhere.
+    A bad launch environment ends the process here with one line and exit code 2.
     """
+    try:
+        _agree_on_run()
+    except UserError as e:
+        print(e.line(), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _agree_on_run() -> None:
     if world_size() <= 1 or (os.environ.get("LAB_RUN_ID") and os.environ.get("LAB_RUN_TIME")):
         return
     from lab.resolvers import run_id
