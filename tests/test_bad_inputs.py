@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, cli_env, run_train
+from conftest import cli_env, run_train
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,6 @@ class Case:
     overrides: tuple[str, ...]
     names: str  # the error line must contain this (the bad key or file)
     env: dict[str, str] = field(default_factory=dict)
-    needs: str | None = None  # a config file that must exist (options built by other issues)
 
 
 # `{d}` is the fixture folder, `{good}` the earlier good run.
@@ -72,42 +71,36 @@ CASES = [
     Case("dataset_files_missing", ("data=mnist", "paths.data_dir={d}/no_data"), "data.dataset.root"),
     Case("torchrun_world_size_zero", (), "WORLD_SIZE", env={"WORLD_SIZE": "0"}),
     Case("torchrun_rank_outside_world", (), "RANK/WORLD_SIZE", env={"WORLD_SIZE": "2", "RANK": "3"}),
-    # Options added by the transfer-learning issue (data=image_folder, torchvision backbones): run once they exist.
+    # Own images and torchvision backbones.
     Case(
         "image_folder_missing",
         ("data=image_folder", "data.root={d}/no_images"),
         "no_images",
-        needs="data/image_folder.yaml",
     ),
     Case(
         "image_folder_empty",
         ("data=image_folder", "data.root={d}/images_empty"),
         "images_empty",
-        needs="data/image_folder.yaml",
     ),
     Case(
         "image_folder_one_class",
         ("data=image_folder", "data.root={d}/images_one_class"),
         "images_one_class",
-        needs="data/image_folder.yaml",
     ),
     Case(
         "image_folder_corrupt_image",
         ("data=image_folder", "data.root={d}/images_corrupt"),
         "broken.png",
-        needs="data/image_folder.yaml",
     ),
     Case(
         "torchvision_model_unknown",
-        ("model=torchvision", "model.name=resnet_nope", "model.weights=null"),
+        ("model=resnet18", "model.name=resnet_nope", "model.weights=null"),
         "model.name",
-        needs="model/torchvision.yaml",
     ),
     Case(
         "torchvision_weights_unknown",
-        ("model=torchvision", "model.name=resnet18", "model.weights=NOPE_V9"),
+        ("model=resnet18", "model.weights=NOPE_V9"),
         "model.weights",
-        needs="model/torchvision.yaml",
     ),
 ]
 if os.geteuid() != 0:  # root may write anywhere: then only the path-under-a-file case above applies
@@ -163,7 +156,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subproc
         run_dir = d / "runs" / case.id
         return run_train(run_dir, *overrides, check=False, env=cli_env(**case.env), timeout=120)
 
-    todo = [c for c in CASES if c.needs is None or (CONF / c.needs).is_file()]
+    todo = CASES
     with ThreadPoolExecutor(max_workers=2) as pool:
         procs = dict(zip([c.id for c in todo], pool.map(run, todo), strict=True))
     assert snapshot(good) == before, "a failed run modified an earlier run dir"
@@ -171,13 +164,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subproc
 
 
 def test_the_table_has_at_least_25_cases() -> None:
-    assert len([c for c in CASES if c.needs is None]) >= 25
+    assert len(CASES) >= 25
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input_fails_cleanly(case: Case, results: dict) -> None:
-    if case.needs is not None and not (CONF / case.needs).is_file():
-        pytest.skip(f"conf/{case.needs} does not exist yet (transfer-learning issue)")
     proc, _ = results[case.id]
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-2000:]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import compose_config, run_train
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lab.data import build_data, build_loaders
 from lab.errors import UserError
@@ -92,7 +93,7 @@ def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None
     args = ["data=image_folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=8",
             "model=resnet18_frozen", "model.weights=null", "data.image_size=32", "trainer.max_epochs=2",
             "model.dropout=0.2", "test=false"]  # fmt: skip
-    cached = run_train(tmp_path / "cached", *args, "model.cache_features=auto")
+    cached = run_train(tmp_path / "cached", *args, "model.cache_features=auto", "monitor=full")
     assert "cached backbone features" in cached.stderr + cached.stdout
     plain = run_train(tmp_path / "plain", *args, "model.cache_features=false")
     assert "cached backbone features" not in plain.stderr + plain.stdout
@@ -103,3 +104,12 @@ def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
     best = torch.load(tmp_path / "cached/checkpoints/best.pt", weights_only=True)
     assert a["global_step"] == 6 and best["class_names"] == ["cat", "dog", "fox"]
+
+    # Every monitor part that works on feature vectors still ran; those that need pictures were left out.
+    acc = EventAccumulator(str(tmp_path / "cached/tensorboard"), size_guidance={"images": 0}).Reload()
+    assert not acc.Tags()["graph"] and "train/images" not in acc.Tags()["images"]
+    assert "val/confusion_matrix" in acc.Tags()["images"] and "val/pr_curve/cat" in acc.PluginTagToContent(
+        "pr_curves"
+    )
+    projector = next((tmp_path / "cached/tensorboard").rglob("tensors.tsv")).read_text().splitlines()
+    assert len(projector[0].split("\t")) == 512  # resnet18's penultimate features, straight from the cache

@@ -76,6 +76,33 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
 
 
+def test_background_writes_are_snapshots_in_order_and_their_errors_surface(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = ckpt.Checkpointer(str(tmp_path), "val/acc", "max", save_top_k=2)
+    weights = torch.zeros(3)
+    for epoch, value in enumerate([0.5, 0.7, 0.6], start=1):
+        weights += 1  # changed right after each save: the written file must hold the value at save time
+        checkpointer.save_epoch({"model": {"w": weights}, "epoch": epoch, "global_step": epoch}, epoch, value,
+                                is_best=value == max([0.5, 0.7, 0.6][:epoch]))  # fmt: skip
+        weights.mul_(100)
+    checkpointer.wait()
+    assert ckpt.load(tmp_path / "last.pt")["epoch"] == 3 and ckpt.load(tmp_path / "best.pt")["epoch"] == 2
+    assert ckpt.load(tmp_path / "last.pt")["model"]["w"].tolist() == [10101.0] * 3  # ((1*100)+1)*100+1
+    assert sorted(p.name for p in tmp_path.glob("epoch=*")) == ["epoch=002-val_acc=0.7000.pt",
+                                                               "epoch=003-val_acc=0.6000.pt"]  # fmt: skip
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # a full disk (see above), now hit by the background thread
+    checkpointer.save_step({"model": {"w": weights}, "epoch": 3, "global_step": 4})
+    with pytest.raises(UserError, match="No space left on device"):
+        checkpointer.close()
+    monkeypatch.undo()
+    assert ckpt.load(tmp_path / "last.pt")["global_step"] == 3  # the previous one is intact
+
+
 def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
     stale = tmp_path / ".last.pt.tmp-999999"
     stale.write_bytes(b"half a checkpoint")

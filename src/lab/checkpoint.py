@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,13 @@ def write_atomic(data: bytes, path: Path) -> None:
             "free disk space or point hydra.run.dir / checkpoint.dirpath at a writable place, then resume "
             "from last.pt",
         ) from None
+
+
+def _write_all(data: bytes, paths: list[Path], dropped: list[Path]) -> None:
+    for path in paths:
+        write_atomic(data, path)
+    for path in dropped:  # top-k files that fell out, only once the new one is complete
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_temp_files(dirpath: Path) -> None:
@@ -148,7 +156,13 @@ def load_model_state(
 
 class Checkpointer:
     """Writes `last.pt` every `every_n_epochs` (and every `every_n_steps`), `best.pt` by `monitor`/`mode`, and
-    keeps the `save_top_k` best as `epoch=NNN-<monitor>=<value>.pt` when `save_top_k > 1`."""
+    keeps the `save_top_k` best as `epoch=NNN-<monitor>=<value>.pt` when `save_top_k > 1`.
+
+    The state is serialised to bytes at once (a snapshot: training may go on changing the weights); with
+    `async_write` the bytes are written and fsynced by one background thread while the next epoch trains. Writes
+    stay in order and atomic, at most one batch of writes is in flight, and `wait()` (called before the next
+    write, before anything reads a checkpoint back and when the run ends) re-raises a failed write.
+    """
 
     def __init__(
         self,
@@ -160,6 +174,7 @@ class Checkpointer:
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
         strict: bool = True,
+        async_write: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.monitor, self.mode = monitor, mode
@@ -167,6 +182,9 @@ class Checkpointer:
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.strict = strict
         self.top_k: list[tuple[float, str]] = []  # (value, file name), best first
+        self.async_write = async_write
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         if self.enabled and self.dirpath.is_dir():
             remove_stale_temp_files(self.dirpath)
 
@@ -187,7 +205,7 @@ class Checkpointer:
 
     def save_step(self, state: dict[str, Any]) -> None:
         state["checkpointer"] = self.state_dict()  # the top-k list survives a mid-epoch resume too
-        write_atomic(serialize(state), self.last_path)
+        self._submit(serialize(state), [self.last_path], [])
 
     def save_epoch(self, state: dict[str, Any], epoch: int, value: float | None, is_best: bool) -> None:
         """After epoch `epoch` (1-based); `value` is the monitored metric, `is_best` whether it improved."""
@@ -197,19 +215,41 @@ class Checkpointer:
             keep = False
         if not (last_due or (is_best and self.save_top_k > 0) or (keep and self.save_top_k > 1)):
             return
-        state["checkpointer"] = self.state_dict()
-        data = serialize(state)
+        paths, dropped = [], []
         if last_due:
-            write_atomic(data, self.last_path)
+            paths.append(self.last_path)
         if is_best and self.save_top_k > 0:
-            write_atomic(data, self.best_path)  # the previous best.pt stays until this one is complete
+            paths.append(self.best_path)  # the previous best.pt stays until this one is complete
         if keep and self.save_top_k > 1:
             name = f"epoch={epoch:03d}-{self.monitor.replace('/', '_')}={value:.4f}.pt"
-            write_atomic(data, self.dirpath / name)
+            paths.append(self.dirpath / name)
             self.top_k = sorted([*self.top_k, (value, name)], key=lambda t: t[0], reverse=self.mode == "max")
-            for _, dropped in self.top_k[self.save_top_k :]:
-                (self.dirpath / dropped).unlink(missing_ok=True)
+            dropped = [self.dirpath / name for _, name in self.top_k[self.save_top_k :]]
             self.top_k = self.top_k[: self.save_top_k]
+        state["checkpointer"] = self.state_dict()
+        self._submit(serialize(state), paths, dropped)
+
+    def _submit(self, data: bytes, paths: list[Path], dropped: list[Path]) -> None:
+        self.wait()
+        if not self.async_write:
+            return _write_all(data, paths, dropped)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._executor.submit(_write_all, data, paths, dropped)
+
+    def wait(self) -> None:
+        """Block until the last submitted checkpoint is on disk; re-raises its error (e.g. a full disk)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
 
     def _beats(self, value: float, other: float) -> bool:
         return value > other if self.mode == "max" else value < other

@@ -36,6 +36,9 @@ class Monitor:
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
         self.fixed_batch: tuple[Tensor, Tensor] | None = None
+        self.batches_are_images = (
+            True  # false when a frozen backbone's features are cached: no pictures to show
+        )
 
     # ------------------------------------------------------------ helpers
     def images(self, x: Tensor) -> Tensor:
@@ -75,8 +78,12 @@ class Monitor:
         cfg, loggers, step = self.cfg, trainer.loggers, trainer.state.global_step
         if not loggers:
             return
-        if cfg.predictions.enabled or cfg.graph:
-            self.fixed_batch = self.first_samples(trainer, "val", max(cfg.predictions.count, 1))
+        self.fixed_batch = self.first_samples(trainer, "val", max(cfg.predictions.count, 1))
+        self.batches_are_images = self.fixed_batch[0].ndim == 4
+        if not self.batches_are_images:
+            log.info("monitor: the loader yields cached backbone features, not images: no graph, image grid, "
+                     "prediction figure or embedding thumbnails")  # fmt: skip
+            return
         if cfg.graph:
             was_training = trainer.model.training
             trainer.model.eval()
@@ -106,7 +113,7 @@ class Monitor:
         cfg, epoch = self.cfg, trainer.state.epoch
         if not trainer.loggers:
             return
-        if cfg.predictions.enabled and due(cfg.predictions.every_n_epochs, epoch):
+        if cfg.predictions.enabled and self.batches_are_images and due(cfg.predictions.every_n_epochs, epoch):
             self.log_predictions(trainer)
         if (cfg.confusion_matrix.enabled and due(cfg.confusion_matrix.every_n_epochs, epoch)) or (
             cfg.pr_curves.enabled and due(cfg.pr_curves.every_n_epochs, epoch)
@@ -150,18 +157,23 @@ class Monitor:
 
     def log_embedding(self, trainer: Any) -> None:
         model = trainer.model
+        x, y = self.first_samples(trainer, "val", self.cfg.embedding.count)
+        labels = [self.class_names[i] for i in y.tolist()]
+        if not self.batches_are_images:  # the batches already are the penultimate features
+            trainer.loggers.log_embedding(
+                "val/features", x.flatten(1).float(), labels, None, trainer.state.global_step
+            )
+            return
         if not hasattr(model, "features"):
             log.warning(
                 "embedding not logged: %s has no .features (input → penultimate vector)", type(model).__name__
             )
             return
-        x, y = self.first_samples(trainer, "val", self.cfg.embedding.count)
         was_training = model.training
         model.eval()
         with torch.inference_mode(), trainer.autocast():
             features = model.features(trainer.prepare(x)).flatten(1).float()
         model.train(was_training)
-        labels = [self.class_names[i] for i in y.tolist()]
         trainer.loggers.log_embedding(
             "val/features", features, labels, self.images(x), trainer.state.global_step
         )

@@ -262,7 +262,10 @@ def run(cfg: DictConfig) -> float:
         status = "interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed"
         raise
     finally:
-        loggers.close(status)
-        log.info("loggers closed (%s)", status)
-        ddp.close()
+        try:
+            checkpointer.close()  # a checkpoint still being written is completed, whatever happened
+        finally:
+            loggers.close(status)
+            log.info("loggers closed (%s)", status)
+            ddp.close()
     return float(best) if best is not None else math.nan

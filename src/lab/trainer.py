@@ -295,6 +295,7 @@ class Trainer:
                 if patience and state.bad_epochs >= patience:
                     log.info("early stopping: %s has not improved for %d epochs", self.monitor, patience)
                     break
+        self.checkpointer.wait()  # the last checkpoint is on disk before anything reads it
         self.callback("on_fit_end")
         return val_metrics
 
@@ -404,6 +405,7 @@ class Trainer:
         if self.checkpointer.save_last:
             self.check_weights_finite()
             self.checkpointer.save_step(self.checkpoint_state())
+            self.checkpointer.wait()
             log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
                         self.state.batch_in_epoch)  # fmt: skip
         raise TrainingInterrupted(self.stop_signal)

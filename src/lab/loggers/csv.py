@@ -16,17 +16,22 @@ class CSVLogger(Logger):
         self.columns: list[str] = ["step"]
         self.rows: list[dict[str, Any]] = []  # every row, to rewrite the file when a new metric appears
         self.pending: dict[str, Any] | None = None
-        self.resume_step: int | None = None
-        self.pending_on_disk = False  # the pending row was written for a checkpoint (see state_dict)
 
     def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
-        # Keep the rows of the interrupted run up to the checkpoint; drop the ones past it.
-        if self.path.is_file():
-            with self.path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or ["step"])
-                self.rows = [row for row in reader if int(row["step"]) <= global_step]
-            self._rewrite()
+        """Keep exactly the rows the checkpoint had seen (continuing in the same run dir); drop later ones."""
+        self.pending = dict(state["pending"]) if state.get("pending") else None
+        if not self.path.is_file():
+            return
+        with self.path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            self.columns = list(reader.fieldnames or ["step"])
+            rows = list(reader)
+        if "rows" in state:
+            self.rows = rows[: state["rows"]]
+        else:  # a checkpoint without CSV state: cut by step
+            self.rows = [row for row in rows if int(row["step"]) <= global_step]
+        self.columns += [key for key in self.pending or {} if key not in self.columns]
+        self._rewrite()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.pending is not None and self.pending["step"] != step:
@@ -41,8 +46,7 @@ class CSVLogger(Logger):
             return
         self.rows.append(row)
         new = [key for key in row if key not in self.columns]
-        if new or not self.path.exists() or self.pending_on_disk:
-            self.pending_on_disk = False
+        if new or not self.path.exists():
             self.columns += new
             self._rewrite()
         else:
@@ -57,13 +61,8 @@ class CSVLogger(Logger):
             writer.writerows([*self.rows, *extra])
 
     def state_dict(self) -> dict[str, Any]:
-        """A checkpoint is being written: put the pending row on disk too, so that a run killed right after it
-        and resumed from it keeps that row (it stays pending, as more metrics of the same step may follow)."""
-        if self.pending is not None:
-            self.columns += [key for key in self.pending if key not in self.columns]
-            self._rewrite([self.pending])
-            self.pending_on_disk = True
-        return {}
+        """Where the file stands: the rows written so far and the row still collecting metrics of its step."""
+        return {"rows": len(self.rows), "pending": dict(self.pending) if self.pending else None}
 
     def close(self, status: str = "success") -> None:
         self._flush()
