@@ -33,6 +33,18 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` that training cannot change any more: tensors copied to the CPU, dicts and lists rebuilt
+    (tuples, e.g. the python RNG state, are immutable and kept as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: snapshot(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(value) for value in obj]
+    return obj
+
+
 def serialize(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -72,7 +84,8 @@ def write_atomic(data: bytes, path: Path) -> None:
         ) from None
 
 
-def _write_all(data: bytes, paths: list[Path], dropped: list[Path]) -> None:
+def _write_all(state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
+    data = serialize(state)
     for path in paths:
         write_atomic(data, path)
     for path in dropped:  # top-k files that fell out, only once the new one is complete
@@ -158,10 +171,10 @@ class Checkpointer:
     """Writes `last.pt` every `every_n_epochs` (and every `every_n_steps`), `best.pt` by `monitor`/`mode`, and
     keeps the `save_top_k` best as `epoch=NNN-<monitor>=<value>.pt` when `save_top_k > 1`.
 
-    The state is serialised to bytes at once (a snapshot: training may go on changing the weights); with
-    `async_write` the bytes are written and fsynced by one background thread while the next epoch trains. Writes
-    stay in order and atomic, at most one batch of writes is in flight, and `wait()` (called before the next
-    write, before anything reads a checkpoint back and when the run ends) re-raises a failed write.
+    The state is copied at once (`snapshot`: training may go on changing the weights); with `async_write` one
+    background thread serialises, writes and fsyncs it while the next epoch trains. Writes stay in order and
+    atomic, at most one checkpoint is in flight, and `wait()` (called before the next write, before anything
+    reads a checkpoint back and when the run ends) re-raises a failed write.
     """
 
     def __init__(
@@ -205,7 +218,7 @@ class Checkpointer:
 
     def save_step(self, state: dict[str, Any]) -> None:
         state["checkpointer"] = self.state_dict()  # the top-k list survives a mid-epoch resume too
-        self._submit(serialize(state), [self.last_path], [])
+        self._submit(state, [self.last_path], [])
 
     def save_epoch(self, state: dict[str, Any], epoch: int, value: float | None, is_best: bool) -> None:
         """After epoch `epoch` (1-based); `value` is the monitored metric, `is_best` whether it improved."""
@@ -227,15 +240,15 @@ class Checkpointer:
             dropped = [self.dirpath / name for _, name in self.top_k[self.save_top_k :]]
             self.top_k = self.top_k[: self.save_top_k]
         state["checkpointer"] = self.state_dict()
-        self._submit(serialize(state), paths, dropped)
+        self._submit(state, paths, dropped)
 
-    def _submit(self, data: bytes, paths: list[Path], dropped: list[Path]) -> None:
+    def _submit(self, state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
         self.wait()
         if not self.async_write:
-            return _write_all(data, paths, dropped)
+            return _write_all(state, paths, dropped)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending = self._executor.submit(_write_all, data, paths, dropped)
+        self._pending = self._executor.submit(_write_all, snapshot(state), paths, dropped)
 
     def wait(self) -> None:
         """Block until the last submitted checkpoint is on disk; re-raises its error (e.g. a full disk)."""

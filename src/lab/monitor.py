@@ -12,15 +12,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from itertools import islice
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from lab.trainer import limit_batches
 
 log = logging.getLogger(__name__)
+
+
+def plain(node: Any) -> Any:
+    """Nested dicts → attribute access, as on the config, at plain-attribute cost."""
+    return SimpleNamespace(**{k: plain(v) for k, v in node.items()}) if isinstance(node, dict) else node
 
 
 def due(every: int | None, count: int) -> bool:
@@ -31,7 +37,9 @@ class Monitor:
     def __init__(
         self, cfg: DictConfig, class_names: Sequence[str], mean: Sequence[float], std: Sequence[float]
     ):
-        self.cfg = cfg
+        self.cfg = plain(
+            OmegaConf.to_container(cfg, resolve=True)
+        )  # read in every step: no OmegaConf lookups
         self.class_names = list(class_names)
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)

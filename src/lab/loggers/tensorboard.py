@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,9 @@ class TensorBoardLogger(Logger):
         self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
     def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
-        self.writer.add_graph(model, example_input)
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            self.writer.add_graph(model, example_input)
 
     def log_pr_curves(
         self, tag: str, targets: Tensor, probs: Tensor, class_names: list[str], step: int
