@@ -17,13 +17,15 @@ from conftest import ROOT, cli_env, run_train
 MODEL = ["model=mlp", "model.dropout=0", "logger=csv", "trainer.progress_bar=false", "print_config=false"]
 
 
-def torchrun(log_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def torchrun(log_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 train.py trainer=ddp ...` with the default run dir."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(ROOT / "train.py"), "trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]  # fmt: skip
     proc = subprocess.run(args, cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0 or not check, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -79,3 +81,13 @@ def test_trainer_ddp_without_torchrun_says_how_to_start_it(tmp_path):
     assert proc.returncode == 2
     assert "torchrun --nproc_per_node=N train.py trainer=ddp" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_unfreezing_during_training_is_refused_under_ddp(tmp_path):
+    proc = torchrun(tmp_path / "ddp", "model=mobilenet_v3_small_frozen", "model.weights=null", "data.image_size=32",
+                    "model.unfreeze_at_epoch=1", check=False)  # fmt: skip
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert ours and all("(model.unfreeze_at_epoch)" in line for line in ours), proc.stderr[-3000:]
+    assert not list((tmp_path / "ddp").rglob("*.pt"))  # refused before training

@@ -60,7 +60,7 @@ def test_checkpoint_contents_and_reload(tiny_run: Path) -> None:
     for key in (
         "model",
         "optimizer",
-        "schedulers",
+        "scheduler",
         "epoch",
         "global_step",
         "monitor",

@@ -1,7 +1,7 @@
 """Checkpoints: atomic writes, safe loading, and the last/best/top-k policy of `conf/checkpoint/*.yaml`.
 
 A checkpoint is a `torch.save`d dict of tensors and plain Python values, loaded with `weights_only=True`:
-`model` (plain state_dict), `optimizer`, `schedulers`, `scaler`, `epoch`, `global_step`, `batch_in_epoch`,
+`model` (plain state_dict), `optimizer`, `scheduler` (main + warm-up), `scaler`, `epoch`, `global_step`, `batch_in_epoch`,
 `monitor` (name, mode, best), `early_stopping`, `config` (resolved, plain dict), `class_names`, `rng`, `loggers`.
 """
 

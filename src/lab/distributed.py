@@ -134,9 +134,16 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, success: bool) -> None:
+        """Tear the group down while Python is fully alive (gloo's worker threads can abort the process when left
+        to interpreter shutdown); after a success, first wait until every rank is done with its collectives.
+        After a failure there is no barrier: the other ranks may be stuck in a collective, torchrun stops them."""
         if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if success:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.device]:

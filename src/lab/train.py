@@ -164,6 +164,10 @@ def run(cfg: DictConfig) -> float:
     splits = build_data(cfg.data)
     loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
+    if ddp.enabled and getattr(model, "unfreeze_at_epoch", None) is not None:
+        raise UserError("DistributedDataParallel is built once, with the parameters that train from the start",
+                        "model.unfreeze_at_epoch", "under torchrun use model.unfreeze_at_epoch=null (and "
+                        "model.freeze=false to fine-tune everything), or train on one process")  # fmt: skip
     if resume is not None:
         ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
         if hasattr(model, "set_epoch"):  # e.g. a backbone unfrozen by then: the optimizer must have its group
@@ -267,5 +271,5 @@ def run(cfg: DictConfig) -> float:
         finally:
             loggers.close(status)
             log.info("loggers closed (%s)", status)
-            ddp.close()
+            ddp.close(success=status == "success")
     return float(best) if best is not None else math.nan

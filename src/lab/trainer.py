@@ -188,7 +188,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "schedulers": self.schedulers.state_dict(),
+            "scheduler": self.schedulers.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.state.epoch,
             "global_step": self.state.global_step,
@@ -207,7 +207,7 @@ class Trainer:
         from lab.runtime import set_rng_state
 
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedulers.load_state_dict(state.get("schedulers") or {})
+        self.schedulers.load_state_dict(state.get("scheduler") or {})
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(
