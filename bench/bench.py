@@ -13,8 +13,8 @@ In one process, on the same data, model, optimizer, batch size and number of epo
 
 Repetitions are interleaved (hand-written, lab, lab, lab; again ...) after one warm-up round, and the median is
 reported. samples/s counts training samples (epochs x train split / wall time of train + validation); for lab that
-is the epochs with their logging and checkpoints, while the monitor's once-per-run work (model graph, image grid,
-end-of-training PR curves) is timed and printed on its own row. It also
+is the epochs with their logging and checkpoints, while the monitor's once-per-run work at the start (model graph,
+image grid) is timed and printed on its own row. It also
 prints the wall time of one validation pass, and the time from `python train.py` starting to its first optimizer
 step, against `python -c "import torch, torchvision"`.
 """
@@ -109,8 +109,8 @@ class FitTimer:
     """Wraps `Trainer.fit` and `Trainer.evaluate` to time the real loop inside `lab.train.run`.
 
     `fit_seconds` is the wall time of the epochs (training, validation, logging, checkpoints); the monitor's
-    once-per-run work in `on_fit_start` / `on_fit_end` (model graph, image grid, end-of-training PR curves) does
-    not grow with the data or the epochs and is reported on its own as `once_seconds`.
+    once-per-run work in `on_fit_start` / `on_fit_end` (model graph, image grid) does not grow with the data or
+    the epochs and is reported on its own as `once_seconds`.
     """
 
     def __init__(self) -> None:
@@ -212,7 +212,7 @@ def bench_case(dataset: str, model: str, args, workdir: Path) -> list[dict]:
     val_s = statistics.median(val_times)
     rows.append({"case": f"{dataset} {model}", "mode": "validation pass (in-memory)",
                  "note": f"{val_s * 1000:.1f} ms per epoch = {100 * val_s / epoch_s:.1f}% of an epoch"})  # fmt: skip
-    rows.append({"case": f"{dataset} {model}", "mode": "once per run: monitor start + end (not in samples/s)",
+    rows.append({"case": f"{dataset} {model}", "mode": "once per run: monitor graph + images (not in samples/s)",
                  "note": f"{statistics.median(once_times) * 1000:.0f} ms"})  # fmt: skip
     return rows
 

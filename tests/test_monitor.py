@@ -75,6 +75,16 @@ def test_default_monitor_is_light(tmp_outputs: Path) -> None:
     assert not (run_dir / "tensorboard" / "projector_config.pbtxt").exists()
 
 
+def test_evaluation_only_run_logs_the_end_of_training_media(full_run: Path, tmp_outputs: Path) -> None:
+    run_dir = tmp_outputs / "eval"
+    best = full_run / "checkpoints" / "best.pt"
+    run_train(run_dir, "train=false", f"ckpt_path={best}", "monitor=full", "monitor.embedding.count=10")
+    acc = events(run_dir / "tensorboard")
+    assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(acc.Tags()["images"])
+    assert {"val/pr_curve/0", "test/pr_curve/9"} <= set(acc.PluginTagToContent("pr_curves"))
+    assert (run_dir / "tensorboard" / "projector_config.pbtxt").is_file()
+
+
 def test_monitor_none_logs_only_scalars_and_text(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "none"
     run_train(run_dir, *TINY, "monitor=none")

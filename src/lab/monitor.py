@@ -2,7 +2,8 @@
 
 Model graph and a grid of training images once at the start; weight/gradient histograms every N steps; a
 "predictions vs. actuals" figure on a fixed validation batch every N epochs; a confusion matrix and per-class
-precision-recall curves on val/test; an embedding projector of penultimate features at the end. Everything goes to
+precision-recall curves on val/test; an embedding projector of penultimate features at the end (the last two on
+the final, best weights). Everything goes to
 the logger fan-out (each backend shows what it can), and nothing runs when there is no logger. matplotlib is
 imported only when a figure is on.
 """
@@ -128,9 +129,11 @@ class Monitor:
         ):
             self.log_classification(trainer, "val", every_epoch=True)
 
-    def on_fit_end(self, trainer: Any) -> None:
+    def on_final_evaluation(self, trainer: Any, metrics: dict[str, float]) -> None:
+        """After training, on the weights `metrics.json` reports (best.pt), also for `train=false` runs."""
         if not trainer.loggers:
             return
+        self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
         if self.cfg.confusion_matrix.enabled or self.cfg.pr_curves.enabled:
             for stage in self.cfg.stages:
                 self.log_classification(trainer, stage, every_epoch=False)

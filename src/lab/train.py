@@ -244,6 +244,7 @@ def run(cfg: DictConfig) -> float:
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)
+        trainer.callback("on_final_evaluation", metrics)
         best = trainer.state.best if trainer.state.best is not None else metrics.get(checkpointer.monitor)
         loggers.log_metrics({f"final/{k}": v for k, v in metrics.items()}, trainer.state.global_step)
         loggers.log_hparams(flatten(config), {f"final/{k}": v for k, v in metrics.items()})

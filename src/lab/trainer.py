@@ -3,6 +3,12 @@
 It sees a model, loaders, an optimizer, schedulers, a logger fan-out and a checkpointer, and nothing else: no
 dataset classes, no logging libraries. Metrics accumulate on the device and are read back once per logging
 interval, so the loop adds no host-device synchronisation per step.
+
+Callbacks (`callbacks=[...]`, e.g. `lab.monitor.Monitor`, a backbone's unfreezing) may define any of these
+methods, each called as `hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward`
+(gradients present, before the optimizer step), `on_validation_end(metrics)`, `on_fit_end`, and
+`on_final_evaluation(metrics)` (called by `lab.train.run` after evaluating the best weights, also with
+`train=false`).
 """
 
 from __future__ import annotations
@@ -368,9 +374,10 @@ class Trainer:
                     metrics["train/grad_norm"] = float(grad_norm)
                 self.loggers.log_metrics({**metrics, **lrs}, state.global_step)
                 if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(
+                    progress.set_postfix(  # shown at tqdm's next redraw (at most every 0.1 s), not redrawn now
                         loss=f"{metrics['train/loss']:.4f}",
                         samples_s=f"{metrics['train/samples_per_sec']:.0f}",
+                        refresh=False,
                     )
                 epoch_metrics.merge(window)
                 window.reset()
