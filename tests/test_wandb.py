@@ -110,6 +110,18 @@ def test_offline_run_has_config_history_summary_and_checkpoint(tmp_outputs: Path
     assert models and "best.pt" in [entry.path for a in models for entry in a.manifest.contents]
 
 
+def test_log_checkpoints_all_uploads_every_epochs_last_pt(tmp_outputs: Path) -> None:
+    run_dir = tmp_outputs / "all"
+    # Synchronous writes: each epoch's last.pt is on disk when the next epoch ends, so the count is exact.
+    run_train(run_dir, *TINY, "trainer.max_epochs=3", "logger=wandb", "logger.wandb.log_checkpoints=all",
+              "checkpoint.async_write=false")  # fmt: skip
+    [path] = offline_runs(run_dir)
+    models = [a for a in read_run(path)["artifacts"] if a.type == "model"]
+    files = [entry.path for a in models for entry in a.manifest.contents]
+    assert files.count("last.pt") == 3 and files.count("best.pt") == 1
+    assert len({a.digest for a in models}) == len(models)  # each upload is a new version
+
+
 def test_no_api_key_no_mode_goes_offline_without_prompting(tmp_path: Path) -> None:
     """No WANDB_API_KEY, no WANDB_MODE, HOME without ~/.netrc, stdin closed: offline, one line saying how to sync."""
     env = {k: v for k, v in cli_env().items() if k not in ("WANDB_MODE", "NETRC")}

@@ -106,6 +106,7 @@ class WandbLogger(Logger):
         self.config: dict[str, Any] = {}
         self.id: str | None = None
         self._run = None
+        self._uploaded: dict[str, tuple[int, int]] = {}  # checkpoint file → (inode, mtime) last uploaded
 
     # ------------------------------------------------------------ the run
     @property
@@ -160,6 +161,10 @@ class WandbLogger(Logger):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
+        if (
+            self.log_checkpoints == "all" and "epoch" in metrics
+        ):  # an epoch ended: the newest complete last.pt
+            self._log_checkpoint("last.pt", ["last"])
 
     def log_hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         # The config is already the run's config; the final metrics go to the summary, next to best/last values.
@@ -225,13 +230,25 @@ class WandbLogger(Logger):
         self._run = None  # a multirun's next job starts its own run
 
     def _log_checkpoints(self) -> None:
-        files = {"best.pt": ["best"]} | ({"last.pt": ["last"]} if self.log_checkpoints == "all" else {})
-        for file, aliases in files.items():
-            path = Path(self.checkpoint_dir) / file
-            if path.is_file():
-                artifact = self.wandb.Artifact(f"model-{self.id}", type="model", metadata={"file": file})
-                artifact.add_file(str(path))
-                self._run.log_artifact(artifact, aliases=aliases)
+        self._log_checkpoint("best.pt", ["best"])
+        if self.log_checkpoints == "all":
+            self._log_checkpoint("last.pt", ["last"])
+
+    def _log_checkpoint(self, file: str, aliases: list[str]) -> None:
+        """A new version of the `model-<run id>` artifact, unless this file was uploaded as it is now."""
+        if not self.checkpoint_dir:
+            return
+        path = Path(self.checkpoint_dir) / file
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return
+        if self._uploaded.get(file) == (stat.st_ino, stat.st_mtime_ns):
+            return
+        artifact = self.wandb.Artifact(f"model-{self.id}", type="model", metadata={"file": file})
+        artifact.add_file(str(path))  # copied to W&B's staging area: a later atomic replace cannot tear it
+        self.run.log_artifact(artifact, aliases=aliases)
+        self._uploaded[file] = (stat.st_ino, stat.st_mtime_ns)
 
 
 def _escape(text: str) -> str:
