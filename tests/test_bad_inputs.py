@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import cli_env, run_train
 
+pytestmark = pytest.mark.slow  # 48 real CLI runs (~80 s on 2 cores)
+
 
 @dataclass(frozen=True)
 class Case:
