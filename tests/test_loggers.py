@@ -112,3 +112,24 @@ def test_fan_out_skips_media_a_backend_lacks(tmp_path: Path) -> None:
     fan_out.log_histogram("weights/w", torch.rand(5), 0)
     fan_out.close()
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_tensorboard_histogram_summarises_the_values_exactly(tmp_path: Path) -> None:
+    import torch
+
+    from lab.loggers.tensorboard import TensorBoardLogger
+
+    values = torch.cat([torch.zeros(30), torch.ones(10), torch.full((5,), -2.0)])
+    logger = TensorBoardLogger(str(tmp_path))
+    logger.log_histogram("weights/w", values, 7)
+    logger.close()
+    [event] = (
+        EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload().Histograms("weights/w")
+    )
+    histogram = event.histogram_value
+    assert event.step == 7 and (histogram.min, histogram.max, histogram.num) == (-2.0, 1.0, 45)
+    assert histogram.sum == pytest.approx(float(values.sum())) and histogram.sum_squares == pytest.approx(
+        30.0
+    )
+    assert sum(histogram.bucket) == 45 and histogram.bucket_limit[-1] == pytest.approx(1.0)
+    assert histogram.bucket[0] == 5 and histogram.bucket[-1] == 10  # -2 in the first bucket, 1 in the last

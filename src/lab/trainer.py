@@ -65,7 +65,14 @@ def limit_batches(limit: int | float | None, num_batches: int) -> int:
 
 
 class Metrics:
-    """Running loss/accuracy sums kept on the device; `compute()` is the only synchronisation."""
+    """Running loss/accuracy sums kept on the device; `compute()` is the only synchronisation.
+
+    `update` only keeps references to a batch's (detached) loss, logits and targets. They are reduced into the sums
+    in one batched pass every `FOLD_EVERY` batches and whenever the sums are read: a few kernels per logging
+    interval instead of a dozen per step.
+    """
+
+    FOLD_EVERY = 32
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -77,18 +84,33 @@ class Metrics:
         self.correct_top5 = torch.zeros((), device=self.device, dtype=torch.long)
         self.top5 = False  # reported when there are more than 5 classes
         self.count = 0
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def update(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
+        self.pending.append((loss.detach(), logits.detach(), targets))
+        self.count += len(targets)
+        if len(self.pending) >= self.FOLD_EVERY:
+            self.fold()
 
     @torch.no_grad()
-    def update(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
-        self.loss += loss.detach() * len(targets)
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        losses, logits, targets = zip(*self.pending, strict=True)
+        self.pending = []
+        sizes = torch.tensor([len(t) for t in targets], dtype=torch.float32).to(
+            self.device, non_blocking=True
+        )
+        self.loss += (torch.stack(losses).float() * sizes).sum()
+        logits, targets = torch.cat(logits), torch.cat(targets)
         self.correct += (logits.argmax(1) == targets).sum()
         if logits.shape[1] > 5:
             self.top5 = True
             self.correct_top5 += (logits.topk(5, 1).indices == targets[:, None]).any(1).sum()
-        self.count += len(targets)
 
     def merge(self, other: Metrics) -> None:
         """Add another window's sums (the loop updates one window per step and folds it in when logging)."""
+        other.fold()
         self.loss += other.loss
         self.correct += other.correct
         self.correct_top5 += other.correct_top5
@@ -96,6 +118,7 @@ class Metrics:
         self.count += other.count
 
     def state_dict(self) -> dict[str, Any]:
+        self.fold()
         sums = {"loss": self.loss, "correct": self.correct, "correct_top5": self.correct_top5}
         return {**{k: v.detach().cpu() for k, v in sums.items()}, "top5": self.top5, "count": self.count}
 
@@ -105,8 +128,10 @@ class Metrics:
         self.correct_top5 = state.get("correct_top5", torch.zeros_like(state["correct"])).to(self.device)
         self.top5 = bool(state.get("top5", False))
         self.count = int(state["count"])
+        self.pending = []
 
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        self.fold()
         count = torch.tensor(float(self.count), device=self.device)
         values = torch.stack([self.loss.float(), self.correct.float(), count, self.correct_top5.float()])
         if reduce is not None:  # all-reduce across ranks under DDP

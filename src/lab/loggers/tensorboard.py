@@ -54,7 +54,21 @@ class TensorBoardLogger(Logger):
         self.writer.add_images(tag, images.detach().float().cpu(), step)  # a grid in one image
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
-        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+        import torch
+
+        # Binned by torch where the values are (add_histogram would copy them to numpy, whose BLAS threads then
+        # compete with torch's for the CPU); 64 equal-width buckets.
+        values = values.detach().float().flatten()
+        if values.numel() == 0:
+            return
+        low, high, total, squares = torch.stack(
+            [values.min(), values.max(), values.sum(), values.square().sum()]
+        ).tolist()
+        high = max(high, low + 1e-12)
+        counts = torch.histc(values, bins=64, min=low, max=high)
+        limits = torch.linspace(low, high, 65)[1:]
+        self.writer.add_histogram_raw(tag, low, high, values.numel(), total, squares, limits.tolist(),
+                                      counts.tolist(), step)  # fmt: skip
 
     def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
         with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated
