@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from lab.errors import EXIT_USER_ERROR, UserError
+from lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +31,14 @@ def world_size() -> int:
     return check_launch_env()[1]
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _init_process_group() -> None:
     """Join torchrun's process group; a bad or incomplete launch environment is a `UserError`, not a hang."""
-    from lab.runtime import check_launch_env
-
     if dist.is_initialized():
         return
-    check_launch_env()
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
         raise UserError(f"{' and '.join(missing)} not set", "WORLD_SIZE > 1",
@@ -54,9 +46,8 @@ def _init_process_group() -> None:
     try:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-            dist.init_process_group(
-                "cpu:gloo,cuda:nccl"
-            )  # nccl for the gradients, gloo for small host objects
+            # nccl for the gradients, gloo for small host objects
+            dist.init_process_group("cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group("gloo")
     except (RuntimeError, ValueError) as e:
@@ -73,8 +64,7 @@ def agree_on_run() -> None:
     try:
         _agree_on_run()
     except UserError as e:
-        print(e.line(), file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        e.exit()
 
 
 def _agree_on_run() -> None:

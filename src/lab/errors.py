@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 EXIT_USER_ERROR = 2
 
 
@@ -15,3 +18,8 @@ class UserError(Exception):
     def line(self) -> str:
         text = f"error: {self.what} ({self.where})"
         return f"{text}: {self.fix}" if self.fix else text
+
+    def exit(self) -> NoReturn:
+        """For code that runs outside `lab.train.main` (before or around Hydra): the line, then exit 2."""
+        print(self.line(), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)

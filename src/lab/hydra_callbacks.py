@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lab.errors import EXIT_USER_ERROR, UserError
+from lab.errors import UserError
 from lab.runtime import check_writable
 
 
@@ -26,5 +25,4 @@ class CheckOutputDir(Callback):
         try:
             check_writable(str(OmegaConf.select(config, key)), key)
         except UserError as e:
-            print(e.line(), file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)  # SystemExit passes through Hydra's error reporting: no traceback
+            e.exit()  # SystemExit passes through Hydra's error reporting: no traceback
