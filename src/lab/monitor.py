@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from itertools import islice
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-
-from lab.trainer import limit_batches
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +67,10 @@ class Monitor:
     @torch.inference_mode()
     def predict(self, trainer: Any, stage: str) -> tuple[Tensor, Tensor]:
         """Softmax probabilities and targets over a split (as far as `trainer.limit_<stage>_batches` goes)."""
-        model, loader = trainer.forward_model, trainer.loaders[stage]
-        was_training = model.training
-        model.eval()
-        num_batches = limit_batches(trainer.cfg.get(f"limit_{stage}_batches"), len(loader))
         probs, targets = [], []
-        for x, y in islice(loader, num_batches):
-            with trainer.autocast():
-                probs.append(model(trainer.prepare(x)).float().softmax(1))
+        for logits, _, y in trainer.outputs(stage, trainer.cfg.get(f"limit_{stage}_batches")):
+            probs.append(logits.float().softmax(1))
             targets.append(y)
-        model.train(was_training)
         return torch.cat(probs).cpu(), torch.cat(targets).cpu()
 
     # ------------------------------------------------------------ hooks

@@ -32,9 +32,8 @@ def main(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
-    except (
-        OmegaConfBaseException
-    ) as e:  # a UserError raised inside a config resolver, e.g. ${weights_meta:...}
+    except OmegaConfBaseException as e:
+        # A UserError raised inside a config resolver, e.g. ${weights_meta:...}, arrives wrapped by OmegaConf.
         cause = e
         while cause is not None and not isinstance(cause, UserError):
             cause = cause.__cause__ or cause.__context__
@@ -52,9 +51,8 @@ def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
     print(line, file=sys.stderr, flush=True)
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
     metrics = Path(output_dir) / "metrics.json" if output_dir else None
-    if (
-        metrics is not None and metrics.parent.is_dir() and not metrics.exists()
-    ):  # never clobber a finished run's
+    # Never clobber the metrics.json of a finished run.
+    if metrics is not None and metrics.parent.is_dir() and not metrics.exists():
         write_json(metrics, {"status": status, "error": line})
     if _in_multirun():
         return math.nan  # the sweeper records a failed trial and the sweep goes on
@@ -72,16 +70,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def print_config(cfg: DictConfig) -> None:
-    """The composed config as a tree, one branch per group."""
+def print_config(config: dict[str, Any]) -> None:
+    """The composed config (resolved, secrets masked) as a tree, one branch per group."""
     from rich import print as rich_print
     from rich.syntax import Syntax
     from rich.tree import Tree
 
-    from lab.redact import redact
-
     tree = Tree("config", guide_style="dim")
-    for key, value in redact(OmegaConf.to_container(cfg, resolve=True)).items():
+    for key, value in config.items():
         text = OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
         tree.add(str(key)).add(Syntax(text.rstrip(), "yaml", background_color="default"))
     rich_print(tree)
@@ -154,7 +150,7 @@ def run(cfg: DictConfig) -> float:
     ddp, device = distributed.setup(cfg.trainer, device)  # one process, or one rank of a torchrun job
     main_rank = ddp.is_main  # only rank 0 prints, logs and writes files
     if cfg.get("print_config", True) and main_rank:
-        print_config(cfg)
+        print_config(config)
     if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
@@ -208,17 +204,15 @@ def run(cfg: DictConfig) -> float:
         *getattr(model, "callbacks", list)(),
         *build_monitor(cfg.get("monitor"), cfg.data, splits.class_names),
     ]
+    if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
+        forward_model = ddp.wrap(forward_model or model)
     trainer = Trainer(
         cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "loggers": loggers.state_dict()},
         callbacks=callbacks, forward_model=forward_model,
+        reduce=ddp.all_reduce_sum if ddp.enabled else None,
     )  # fmt: skip
-    if ddp.enabled:
-        # Gradients all-reduced in backward; trainer.model stays the plain module (the head alone on cached features).
-        wrapped = ddp.wrap(forward_model or model)
-        trainer.forward_model = torch.compile(wrapped) if cfg.trainer.compile else wrapped
-        trainer.reduce = ddp.all_reduce_sum
     if resume is not None and cfg.train:
         trainer.load_checkpoint_state(resume)
         loggers.resume(trainer.state.global_step, resume.get("loggers") or {})

@@ -18,7 +18,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
@@ -158,13 +158,14 @@ class Trainer:
         checkpoint_extra: Callable[[], dict[str, Any]],
         callbacks: Iterable[Any] = (),
         forward_model: nn.Module | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model  # the plain module: its state_dict is what checkpoints hold
-        # What batches go through: the model (maybe compiled), or a part of it, e.g. a head on cached features.
-        if forward_model is None:
-            forward_model = torch.compile(model) if cfg.compile else model
-        self.forward_model: nn.Module = forward_model
+        # What batches go through: the model, a part of it (e.g. a head on cached features) or a DDP wrapper of
+        # either; compiled when `trainer.compile`.
+        forward_model = model if forward_model is None else forward_model
+        self.forward_model: nn.Module = torch.compile(forward_model) if cfg.compile else forward_model
         self.optimizer, self.schedulers = optimizer, schedulers
         self.loaders, self.loggers, self.checkpointer = loaders, loggers, checkpointer
         self.device = device
@@ -181,7 +182,7 @@ class Trainer:
         # same train/loss and train/acc as an uninterrupted one.
         self.epoch_metrics, self.window = Metrics(device), Metrics(device)  # the epoch, the logging window
         self.resumed_metrics: dict[str, Any] | None = None
-        self.reduce: Callable[[Tensor], Tensor] | None = None  # set under DDP
+        self.reduce = reduce  # sums a tensor over the DDP ranks (None: one process)
 
         precision = str(cfg.precision)
         self.autocast_dtype = {
@@ -214,8 +215,10 @@ class Trainer:
         return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
 
     def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds; refused (TrainingDiverged) when the weights are not finite."""
         from lab.runtime import rng_state
 
+        self.check_weights_finite()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -319,7 +322,6 @@ class Trainer:
                 )  # fmt: skip
                 self.callback("on_validation_end", val_metrics)
                 if self.checkpointer.enabled:
-                    self.check_weights_finite()
                     self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
@@ -408,7 +410,6 @@ class Trainer:
                 window.reset()
                 window_start = time.perf_counter()
             if self.checkpointer.step_due(state.global_step):
-                self.check_weights_finite()
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
                 break
@@ -425,7 +426,7 @@ class Trainer:
             )
 
     def check_weights_finite(self) -> None:
-        """Called before every checkpoint write (one sync each), so a diverged state never reaches the disk."""
+        """Part of every `checkpoint_state()` (one sync each), so a diverged state never reaches the disk."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # + BatchNorm stats
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             raise TrainingDiverged(
@@ -435,7 +436,6 @@ class Trainer:
 
     def save_interrupted(self) -> None:
         if self.checkpointer.save_last:
-            self.check_weights_finite()
             self.checkpointer.save_step(self.checkpoint_state())
             self.checkpointer.wait()
             log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
@@ -451,19 +451,31 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluate
     @torch.inference_mode()
-    def evaluate(self, stage: str, limit: int | float | None = None) -> dict[str, float]:
-        loader = self.loaders[stage]
-        model = self.forward_model
+    def outputs(
+        self, stage: str, limit: int | float | None = None, progress: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(logits, loss, targets) of each batch of a split in eval mode, up to `limit` batches."""
+        loader, model = self.loaders[stage], self.forward_model
+        num_batches = limit_batches(limit, len(loader))
+        batches = islice(loader, num_batches)
+        if progress:
+            batches = self.progress(batches, total=num_batches, desc=stage)
         was_training = model.training
         model.eval()
+        try:
+            for x, y in batches:
+                with self.autocast():
+                    logits = model(self.prepare(x))
+                    loss = F.cross_entropy(logits, y)
+                yield logits, loss, y
+        finally:
+            model.train(was_training)
+
+    @torch.inference_mode()
+    def evaluate(self, stage: str, limit: int | float | None = None) -> dict[str, float]:
         metrics = Metrics(self.device)
-        num_batches = limit_batches(limit, len(loader))
-        for x, y in self.progress(islice(loader, num_batches), total=num_batches, desc=stage):
-            with self.autocast():
-                logits = model(self.prepare(x))
-                loss = F.cross_entropy(logits, y)
+        for logits, loss, y in self.outputs(stage, limit, progress=True):
             metrics.update(loss, logits, y)
-        model.train(was_training)
         return metrics.compute(stage, self.reduce)
 
     def state_dict(self) -> dict[str, Any]:
