@@ -7,7 +7,7 @@ In one process, on the same data, model, optimizer, batch size and number of epo
   hyper-parameters of the config with torch's default implementation (lab's configs add `fused: true`);
 * **lab**: the real `lab.train.run(cfg)` that `python train.py` runs, with logging (TensorBoard, progress bar,
   train.log) and checkpointing (last.pt + best.pt every epoch) at their defaults, timed around `Trainer.fit`:
-  - `lab dataloader`: `data.in_memory=false`, the same DataLoader path as the hand-written loop;
+  - `lab dataloader`: `dataset.in_memory=false`, the same DataLoader path as the hand-written loop;
   - `lab dataloader logger=none`: the same without the TensorBoard logger;
   - `lab in-memory`: the default fast path (whole split on the device, batches by index).
 
@@ -48,13 +48,13 @@ from lab.train import run  # noqa: E402
 # Targets of issue 7 (CPU): lab / hand-written.
 TARGETS = {"lab dataloader": 0.97, "lab dataloader logger=none": 0.99, "lab in-memory": 1.5}
 MODES = {
-    "lab dataloader": ["data.in_memory=false"],
-    "lab dataloader logger=none": ["data.in_memory=false", "logger=none"],
+    "lab dataloader": ["dataset.in_memory=false"],
+    "lab dataloader logger=none": ["dataset.in_memory=false", "logger=none"],
     "lab in-memory": [],
 }
 DATASETS = {  # name → overrides; the MNIST-sized set is generated (60,000 x 1 x 28 x 28)
-    "digits": ["data=digits"],
-    "mnist-sized": ["data=synthetic"],
+    "digits": ["dataset=digits"],
+    "mnist-sized": ["dataset=synthetic"],
 }
 
 
@@ -77,10 +77,10 @@ def handwritten(cfg, splits, epochs: int, device: torch.device) -> float:
     # The same optimizer and hyper-parameters, with torch's default implementation (what a hand-written loop
     # gets); lab's configs choose `fused: true`, which is part of what is measured.
     optimizer = instantiate(cfg.optimizer, fused=None)(model.parameters())
-    workers = cfg.data.num_workers or 0
+    workers = cfg.dataset.num_workers or 0
     pin = device.type == "cuda"
     common = dict(
-        batch_size=cfg.data.batch_size, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
+        batch_size=cfg.dataset.batch_size, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
     )
     train = DataLoader(splits.train, shuffle=True, **common)
     val = DataLoader(splits.val, **common)
@@ -179,12 +179,12 @@ def bench_case(dataset: str, model: str, args, workdir: Path) -> list[dict]:
         f"model={model}",
         f"trainer.max_epochs={args.epochs}",
         f"trainer.device={args.device}",
-        f"data.num_workers={args.num_workers}",
+        f"dataset.num_workers={args.num_workers}",
         "test=false",
         *args.overrides,
     ]
     cfg = compose_cfg(base, str(workdir))
-    splits = build_data(cfg.data)  # the same preprocessed tensors that lab trains on
+    splits = build_data(cfg.dataset)  # the same preprocessed tensors that lab trains on
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     if args.device == "auto" and device.type != "cuda":
         device = torch.device("cpu")

@@ -24,11 +24,11 @@ def test_every_backbone_config_builds_and_forwards(tmp_path: Path) -> None:
     x = torch.rand(2, 3, 32, 32)  # tiny inputs: every one of these architectures accepts 32x32
     for option in BACKBONES:
         cfg = compose_config([f"model={option}", "model.weights=null"], tmp_path)
-        assert cfg.data.channels == 3 and cfg.data.image_size == 224  # the weights' own preprocessing
-        assert list(cfg.data.mean) == pytest.approx([0.485, 0.456, 0.406])
+        assert cfg.dataset.channels == 3 and cfg.dataset.image_size == 224  # the weights' own preprocessing
+        assert list(cfg.dataset.mean) == pytest.approx([0.485, 0.456, 0.406])
         model = instantiate(cfg.model).eval()
-        assert model(x).shape == (2, cfg.data.num_classes), option
-        assert model.head(model.features(x)).shape == (2, cfg.data.num_classes)
+        assert model(x).shape == (2, cfg.dataset.num_classes), option
+        assert model.head(model.features(x)).shape == (2, cfg.dataset.num_classes)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         in_optimizer = {
             id(p) for g in build_optimizer(cfg.optimizer, model).param_groups for p in g["params"]
@@ -42,10 +42,10 @@ def test_every_backbone_config_builds_and_forwards(tmp_path: Path) -> None:
 
 
 def test_data_image_size_override_wins(tmp_path: Path) -> None:
-    cfg = compose_config(["model=resnet18_frozen", "data.image_size=64"], tmp_path)
-    assert cfg.data.image_size == 64 and cfg.data.channels == 3
+    cfg = compose_config(["model=resnet18_frozen", "dataset.image_size=64"], tmp_path)
+    assert cfg.dataset.image_size == 64 and cfg.dataset.channels == 3
     assert (
-        compose_config(["model=resnet50_frozen", "model.weights=IMAGENET1K_V2"], tmp_path).data.image_size
+        compose_config(["model=resnet50_frozen", "model.weights=IMAGENET1K_V2"], tmp_path).dataset.image_size
         == 224
     )
 
@@ -128,7 +128,7 @@ def test_offline_without_cached_weights_is_one_clear_error(
 
 
 def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
-    args = ["model=mobilenet_v3_small_frozen", "model.weights=null", "data.image_size=32", "model.unfreeze_at_epoch=2",
+    args = ["model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=32", "model.unfreeze_at_epoch=2",
             "model.backbone_lr_scale=0.1", "scheduler=cosine", "test=false", "trainer.limit_val_batches=1", *TINY]  # fmt: skip
 
     def backbone(state: dict) -> dict:

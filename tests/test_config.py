@@ -23,11 +23,11 @@ def options(group: str) -> list[str]:
 def test_every_group_has_options_and_defaults_compose(tmp_path: Path) -> None:
     cfg = compose_config(output_dir=tmp_path)
     validate(cfg)
-    for group in ("data", "model", "optimizer", "scheduler", "logger", "checkpoint", "trainer", "paths"):
+    for group in ("dataset", "model", "optimizer", "scheduler", "logger", "checkpoint", "trainer", "paths"):
         assert options(group), group
-    assert cfg.data.name == "digits" and cfg.model._target_.endswith("SimpleCNN")
-    assert cfg.model.num_classes == cfg.data.num_classes  # flows by interpolation, never typed twice
-    assert cfg.model.in_channels == cfg.data.channels
+    assert cfg.dataset.name == "digits" and cfg.model._target_.endswith("SimpleCNN")
+    assert cfg.model.num_classes == cfg.dataset.num_classes  # flows by interpolation, never typed twice
+    assert cfg.model.in_channels == cfg.dataset.channels
 
 
 def own_models() -> list[str]:
@@ -39,9 +39,9 @@ def own_models() -> list[str]:
 def test_model_options_build_and_forward(option: str, tmp_path: Path) -> None:
     cfg = compose_config([f"model={option}"], tmp_path)
     model = instantiate(cfg.model)
-    x = torch.zeros(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    assert model(x).shape == (2, cfg.data.num_classes)
-    assert model.head(model.features(x)).shape == (2, cfg.data.num_classes)
+    x = torch.zeros(2, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
+    assert model(x).shape == (2, cfg.dataset.num_classes)
+    assert model.head(model.features(x)).shape == (2, cfg.dataset.num_classes)
 
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))
@@ -103,16 +103,16 @@ def test_trainer_options_validate(option: str, tmp_path: Path) -> None:
     validate(compose_config([f"trainer={option}"], tmp_path))
 
 
-@pytest.mark.parametrize("option", options("data"))
+@pytest.mark.parametrize("option", options("dataset"))
 def test_data_options_compose(option: str, tmp_path: Path) -> None:
-    overrides = [f"data={option}"]
-    if option == "image_folder":  # num_classes is counted from data.root's class folders
+    overrides = [f"dataset={option}"]
+    if option == "image_folder":  # num_classes is counted from dataset.root's class folders
         for name in ("cat", "dog"):
             (tmp_path / "images" / name).mkdir(parents=True)
-        overrides.append(f"data.root={tmp_path / 'images'}")
+        overrides.append(f"dataset.root={tmp_path / 'images'}")
     cfg = compose_config(overrides, tmp_path)
     validate(cfg)
-    assert cfg.data.num_classes > 1 and len(cfg.data.mean) == len(cfg.data.std)
+    assert cfg.dataset.num_classes > 1 and len(cfg.dataset.mean) == len(cfg.dataset.std)
 
 
 def test_experiment_and_debug_override_several_groups(tmp_path: Path) -> None:

@@ -31,28 +31,28 @@ def write_idx(root: Path, folder: str, n_train: int = 60, n_test: int = 20, seed
 
 def test_digits_splits_are_seeded_disjoint_and_normalised(tmp_path: Path) -> None:
     cfg = compose_config([], tmp_path)
-    a, b = build_data(cfg.data), build_data(cfg.data)
+    a, b = build_data(cfg.dataset), build_data(cfg.dataset)
     sizes = [len(a.train), len(a.val), len(a.test)]
     assert sum(sizes) == 1797 and sizes[2] == round(1797 * 0.2)
     for split in ("train", "val", "test"):  # deterministic: same split_seed → same data
         assert torch.equal(getattr(a, split).tensors[0], getattr(b, split).tensors[0])
     x = a.train.tensors[0]
     assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32
-    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1  # normalised with data.mean/std
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1  # normalised with dataset.mean/std
     assert a.class_names == [str(i) for i in range(10)]
-    other = build_data(compose_config(["data.split_seed=1"], tmp_path).data)
+    other = build_data(compose_config(["dataset.split_seed=1"], tmp_path).dataset)
     assert not torch.equal(a.test.tensors[0], other.test.tensors[0])
 
 
 @pytest.mark.parametrize(("option", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_torchvision_idx_datasets_from_local_files(option: str, folder: str, tmp_path: Path) -> None:
     write_idx(tmp_path / "data", folder)
-    cfg = compose_config([f"data={option}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
-    splits = build_data(cfg.data)
+    cfg = compose_config([f"dataset={option}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    splits = build_data(cfg.dataset)
     assert len(splits.test) == 20 and len(splits.train) + len(splits.val) == 60
     assert splits.train.tensors[0].shape[1:] == (1, 28, 28)
     assert len(splits.class_names) == 10
-    loaders = build_loaders(splits, cfg.data, torch.device("cpu"), seed=0)
+    loaders = build_loaders(splits, cfg.dataset, torch.device("cpu"), seed=0)
     x, y = next(iter(loaders["train"]))
     assert x.shape[1:] == (1, 28, 28) and y.dtype == torch.long
 
@@ -70,8 +70,8 @@ def test_cifar10_from_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
     # The real files' md5 sums cannot be matched by fake data: skip only that integrity check.
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
-    cfg = compose_config(["data=cifar10", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
-    splits = build_data(cfg.data)
+    cfg = compose_config(["dataset=cifar10", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    splits = build_data(cfg.dataset)
     assert len(splits.test) == 8 and len(splits.train) + len(splits.val) == 40
     assert splits.train.tensors[0].shape[1:] == (3, 32, 32)
     assert splits.class_names[:2] == ["class0", "class1"]
@@ -79,24 +79,24 @@ def test_cifar10_from_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_missing_dataset_files_is_one_clear_error(tmp_path: Path) -> None:
     cfg = compose_config(
-        ["data=mnist", f"paths.data_dir={tmp_path}", "data.dataset.download=false"], tmp_path
+        ["dataset=mnist", f"paths.data_dir={tmp_path}", "dataset.source.download=false"], tmp_path
     )
     with pytest.raises(UserError) as info:
-        build_data(cfg.data)
+        build_data(cfg.dataset)
     line = info.value.line()
     assert (
-        "data.dataset.root" in line and "MNIST/raw/train-images-idx3-ubyte" in line and str(tmp_path) in line
+        "dataset.source.root" in line and "MNIST/raw/train-images-idx3-ubyte" in line and str(tmp_path) in line
     )
 
 
 def test_missing_dataset_through_the_cli_fails_before_training(tmp_path: Path) -> None:
     proc = run_train(
-        tmp_path / "run", "data=mnist", f"paths.data_dir={tmp_path / 'empty'}", "data.dataset.download=false",
+        tmp_path / "run", "dataset=mnist", f"paths.data_dir={tmp_path / 'empty'}", "dataset.source.download=false",
         check=False,
     )  # fmt: skip
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "data.dataset.root" in errors[0]
+    assert len(errors) == 1 and "dataset.source.root" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -109,5 +109,5 @@ def test_preprocess_resizes_expands_channels_and_normalises() -> None:
 
 
 def test_image_size_override_resizes_once_up_front(tmp_path: Path) -> None:
-    splits = build_data(compose_config(["data.image_size=16"], tmp_path).data)
+    splits = build_data(compose_config(["dataset.image_size=16"], tmp_path).dataset)
     assert splits.train.tensors[0].shape[1:] == (1, 16, 16) and splits.transform is None

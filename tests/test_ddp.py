@@ -38,9 +38,9 @@ def only_run_dir(log_dir: Path) -> Path:
 @pytest.mark.slow
 def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path):
     one_step = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
-    torchrun(tmp_path / "ddp", *one_step, "data.batch_size=16")
+    torchrun(tmp_path / "ddp", *one_step, "dataset.batch_size=16")
     run_dir = only_run_dir(tmp_path / "ddp")
-    run_train(tmp_path / "single", *MODEL, *one_step, "data.batch_size=32")
+    run_train(tmp_path / "single", *MODEL, *one_step, "dataset.batch_size=32")
 
     ddp = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
@@ -85,7 +85,7 @@ def test_trainer_ddp_without_torchrun_says_how_to_start_it(tmp_path):
 
 @pytest.mark.slow
 def test_unfreezing_during_training_is_refused_under_ddp(tmp_path):
-    proc = torchrun(tmp_path / "ddp", "model=mobilenet_v3_small_frozen", "model.weights=null", "data.image_size=32",
+    proc = torchrun(tmp_path / "ddp", "model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=32",
                     "model.unfreeze_at_epoch=1", check=False)  # fmt: skip
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -1,4 +1,4 @@
-"""`data=image_folder` on temporary folders of generated PNGs: layouts, splits, errors, cached features."""
+"""`dataset=image_folder` on temporary folders of generated PNGs: layouts, splits, errors, cached features."""
 
 from __future__ import annotations
 
@@ -29,30 +29,30 @@ def make_images(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("ca
 
 
 def image_folder_config(root: Path, tmp_path: Path, *overrides: str):
-    return compose_config(["data=image_folder", f"data.root={root}", "data.image_size=16", "data.num_workers=0",
+    return compose_config(["dataset=image_folder", f"dataset.root={root}", "dataset.image_size=16", "dataset.num_workers=0",
                            *overrides], tmp_path)  # fmt: skip
 
 
 def test_seeded_split_of_one_folder(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images")
     cfg = image_folder_config(root, tmp_path)
-    assert cfg.data.num_classes == 3  # counted from the class folders
-    splits = build_data(cfg.data)
+    assert cfg.dataset.num_classes == 3  # counted from the class folders
+    splits = build_data(cfg.dataset)
     assert splits.class_names == ["cat", "dog", "fox"]
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 3, 3)
     paths = [p for split in (splits.train, splits.val, splits.test) for p, _ in split.samples]
     assert len(set(paths)) == 30  # disjoint
-    assert [p for p, _ in build_data(cfg.data).test.samples] == [p for p, _ in splits.test.samples]  # seeded
-    x, y = next(iter(build_loaders(splits, cfg.data, torch.device("cpu"), seed=0)["train"]))
+    assert [p for p, _ in build_data(cfg.dataset).test.samples] == [p for p, _ in splits.test.samples]  # seeded
+    x, y = next(iter(build_loaders(splits, cfg.dataset, torch.device("cpu"), seed=0)["train"]))
     assert x.shape == (len(x), 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
 
 
 def test_train_val_test_sub_folders_and_augmentation(tmp_path: Path) -> None:
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         make_images(tmp_path / "images" / split, per_class=n, classes=("cat", "dog"))
-    cfg = image_folder_config(tmp_path / "images", tmp_path, "data.augment=true")
-    splits = build_data(cfg.data)
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 6) and cfg.data.num_classes == 2
+    cfg = image_folder_config(tmp_path / "images", tmp_path, "dataset.augment=true")
+    splits = build_data(cfg.dataset)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 6) and cfg.dataset.num_classes == 2
     assert splits.extra["augmented"]
     torch.manual_seed(0)
     a, b = splits.train[0][0], splits.train[0][0]
@@ -63,11 +63,11 @@ def test_train_val_test_sub_folders_and_augmentation(tmp_path: Path) -> None:
 def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     def error(root: Path | None) -> str:
         with pytest.raises(UserError) as e:
-            build_data(image_folder_config(root, tmp_path).data if root else compose_config(
-                ["data=image_folder"], tmp_path).data)  # fmt: skip
+            build_data(image_folder_config(root, tmp_path).dataset if root else compose_config(
+                ["dataset=image_folder"], tmp_path).dataset)  # fmt: skip
         return e.value.line()
 
-    assert "data.root" in error(None)
+    assert "dataset.root" in error(None)
     assert "not found" in error(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     assert "no class folders" in error(tmp_path / "empty")
@@ -82,16 +82,16 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
-    proc = run_train(tmp_path / "run", "data=image_folder", f"data.root={tmp_path / 'nowhere'}", check=False)
+    proc = run_train(tmp_path / "run", "dataset=image_folder", f"dataset.root={tmp_path / 'nowhere'}", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: image folder not found (data.root=")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: image folder not found (dataset.root=")
     assert "Traceback" not in proc.stderr
 
 
 def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images")
-    args = ["data=image_folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=8",
-            "model=resnet18_frozen", "model.weights=null", "data.image_size=32", "trainer.max_epochs=2",
+    args = ["dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
+            "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "trainer.max_epochs=2",
             "model.dropout=0.2", "test=false"]  # fmt: skip
     cached = run_train(tmp_path / "cached", *args, "model.cache_features=auto", "monitor=full")
     assert "cached backbone features" in cached.stderr + cached.stdout

@@ -123,7 +123,7 @@ def reference(references) -> Path:
 
 
 # The in-memory fast path and a classic DataLoader (DistributedSampler, skipped batches on resume).
-LOADERS = {"in_memory": [], "dataloader": ["data.in_memory=false"]}
+LOADERS = {"in_memory": [], "dataloader": ["dataset.in_memory=false"]}
 KILLS = {"in_memory": 4, "dataloader": 2}
 
 

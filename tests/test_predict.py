@@ -17,8 +17,8 @@ from lab.predict import predict
 
 def test_train_on_image_folder_then_predict(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images", per_class=12)
-    run_train(tmp_path / "run", "data=image_folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=8",
-              "model=resnet18_frozen", "model.weights=null", "data.image_size=32", "trainer.max_epochs=3",
+    run_train(tmp_path / "run", "dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
+              "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "trainer.max_epochs=3",
               "optimizer.lr=0.01")  # fmt: skip
     assert json.loads((tmp_path / "run/class_names.json").read_text())["class_names"] == ["cat", "dog", "fox"]
     ckpt = tmp_path / "run/checkpoints/best.pt"

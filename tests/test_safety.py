@@ -231,8 +231,8 @@ def test_secrets_from_dotenv_never_reach_a_file_or_the_console(tmp_path: Path) -
     run_dir = tmp_path / "run"
     # The key reaches the config only through `.env` (oc.env fails without it), so the run succeeding proves
     # `.env` was read; a second secret comes straight from the command line.
-    proc = run_train(run_dir, *TINY, "logger=csv", "print_config=true", "+data.api_key=${oc.env:LAB_TEST_API_KEY}",
-                     f"+data.hub_token={other}", cwd=tmp_path, env=cli_env())  # fmt: skip
+    proc = run_train(run_dir, *TINY, "logger=csv", "print_config=true", "+dataset.api_key=${oc.env:LAB_TEST_API_KEY}",
+                     f"+dataset.hub_token={other}", cwd=tmp_path, env=cli_env())  # fmt: skip
     assert "api_key" in proc.stdout and MASK in proc.stdout  # the printed config shows the key, masked
     for text in (proc.stdout, proc.stderr):
         assert secret not in text and other not in text
@@ -241,7 +241,7 @@ def test_secrets_from_dotenv_never_reach_a_file_or_the_console(tmp_path: Path) -
     for path in files:
         data = path.read_bytes()
         assert secret.encode() not in data and other.encode() not in data, path
-    saved = ckpt.load(run_dir / "checkpoints" / "last.pt")["config"]["data"]
+    saved = ckpt.load(run_dir / "checkpoints" / "last.pt")["config"]["dataset"]
     assert saved["api_key"] == MASK and saved["hub_token"] == MASK
 
 

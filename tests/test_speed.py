@@ -1,5 +1,5 @@
 """Fast paths give the same results as the plain path: in-memory loader, channels_last, gradient accumulation,
-bf16 autocast and torch.compile on the CPU; data.num_workers auto; the generated (synthetic) dataset."""
+bf16 autocast and torch.compile on the CPU; dataset.num_workers auto; the generated (synthetic) dataset."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def test_in_memory_shards_are_disjoint_cover_everything_and_equal_in_size(world_
 def test_num_workers_null_means_from_the_cpu_count(tmp_path):
     from conftest import compose_config
 
-    cfg = compose_config(["data.in_memory=false"], tmp_path)
-    assert cfg.data.num_workers is None
+    cfg = compose_config(["dataset.in_memory=false"], tmp_path)
+    assert cfg.dataset.num_workers is None
     validate(cfg)  # null is allowed
     assert 0 <= default_num_workers() <= 8
 
@@ -84,7 +84,7 @@ def test_synthetic_data_has_the_requested_shape_and_is_reproducible():
 
 
 def test_synthetic_data_trains_through_the_cli(tmp_path):
-    args = ["data=synthetic", "data.dataset.num_samples=600", "data.image_size=12", "model=mlp",
+    args = ["dataset=synthetic", "dataset.source.num_samples=600", "dataset.image_size=12", "model=mlp",
             "trainer.max_epochs=3", "checkpoint=none", "logger=none"]  # fmt: skip
     run_train(tmp_path, *args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -92,7 +92,7 @@ def test_synthetic_data_trains_through_the_cli(tmp_path):
 
 
 def final_metrics(run_dir: Path, *overrides: str) -> dict:
-    run_train(run_dir, *TINY, "logger=none", "data.num_workers=0", *overrides)
+    run_train(run_dir, *TINY, "logger=none", "dataset.num_workers=0", *overrides)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -113,7 +113,7 @@ def default_metrics(tmp_path_factory) -> dict:
 
 
 def test_in_memory_path_gives_the_same_metrics_as_the_dataloader_path(tmp_path, default_metrics):
-    plain = final_metrics(tmp_path, "data.in_memory=false")
+    plain = final_metrics(tmp_path, "dataset.in_memory=false")
     assert_close_metrics(default_metrics, plain)
 
 
@@ -124,9 +124,9 @@ def test_channels_last_gives_the_same_metrics(tmp_path, default_metrics):
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     big = model_after(
-        tmp_path / "big", *MLP_NO_DROPOUT, "data.batch_size=32", "trainer.limit_train_batches=1"
+        tmp_path / "big", *MLP_NO_DROPOUT, "dataset.batch_size=32", "trainer.limit_train_batches=1"
     )
-    accumulated = model_after(tmp_path / "acc", *MLP_NO_DROPOUT, "data.batch_size=16",
+    accumulated = model_after(tmp_path / "acc", *MLP_NO_DROPOUT, "dataset.batch_size=16",
                               "trainer.limit_train_batches=2", "trainer.accumulate_grad_batches=2")  # fmt: skip
     for key in big:
         torch.testing.assert_close(accumulated[key], big[key], atol=1e-6, rtol=1e-5)

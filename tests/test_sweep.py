@@ -55,7 +55,7 @@ def metrics_of(row: dict[str, str]) -> dict:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
-    return sweep_dir, multirun(sweep_dir, "optimizer.lr=1e-3,1e-2", "data.batch_size=32,64")
+    return sweep_dir, multirun(sweep_dir, "optimizer.lr=1e-3,1e-2", "dataset.batch_size=32,64")
 
 
 def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -77,7 +77,7 @@ def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess
         assert Path(row["run_dir"]) == sweep_dir / row["job"]
         # Only what the sweep varied; the shared overrides are listed once in summary.md.
         assert sorted(o.split("=")[0] for o in row["overrides"].split()) == [
-            "data.batch_size",
+            "dataset.batch_size",
             "optimizer.lr",
         ]
     values = [float(r["val/acc"]) for r in rows]
@@ -174,7 +174,7 @@ def test_sweep_presets_compose() -> None:
     optuna = compose_hydra("sweep=optuna").hydra.sweeper
     assert optuna.direction == "maximize" and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
     assert optuna.sampler._target_ == "optuna.samplers.TPESampler"
-    assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "data.batch_size",
+    assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "dataset.batch_size",
                                   "model.dropout"}  # fmt: skip
     minimize = compose_hydra("sweep=optuna", "checkpoint.monitor=val/loss", "checkpoint.mode=min")
     assert minimize.hydra.sweeper.direction == "minimize"

@@ -90,7 +90,7 @@ def test_offline_run_has_config_history_summary_and_checkpoint(tmp_outputs: Path
     assert run["run"].notes == "hello"
     assert run["run"].display_name.startswith("train:") and "logger=wandb" in run["run"].display_name
     # The resolved config, as nested values.
-    assert run["config"]["trainer"]["max_epochs"] == 2 and run["config"]["data"]["name"] == "digits"
+    assert run["config"]["trainer"]["max_epochs"] == 2 and run["config"]["dataset"]["name"] == "digits"
     assert run["config"]["logger"]["wandb"]["tags"] == ["baseline", "tiny"]
     # History: the scalars at the logged steps, media too.
     rows = run["history"]

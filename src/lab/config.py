@@ -69,12 +69,12 @@ def batch_limit(cfg: DictConfig, key: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash (or silently misbehave) minutes into training."""
-    positive_int(cfg, "data.batch_size")
-    if get(cfg, "data.num_workers") is not None:  # null: from the CPU count
-        positive_int(cfg, "data.num_workers", allow_zero=True)
-    fraction(cfg, "data.val_fraction")
-    if get(cfg, "data.test_fraction") is not None:
-        fraction(cfg, "data.test_fraction")
+    positive_int(cfg, "dataset.batch_size")
+    if get(cfg, "dataset.num_workers") is not None:  # null: from the CPU count
+        positive_int(cfg, "dataset.num_workers", allow_zero=True)
+    fraction(cfg, "dataset.val_fraction")
+    if get(cfg, "dataset.test_fraction") is not None:
+        fraction(cfg, "dataset.test_fraction")
     positive_number(cfg, "optimizer.lr")
     positive_int(cfg, "trainer.max_epochs")
     positive_int(cfg, "trainer.log_every_n_steps")

@@ -1,8 +1,8 @@
 """Predictions from a checkpoint: rebuild the model from its saved config, preprocess like training, print top-k.
 
 `python predict.py ckpt_path=... inputs=<image file or folder> [top_k=5] [device=auto] [batch_size=32]`
-(the same key=value syntax as train.py, parsed by OmegaConf). Images are read as the run's `data.channels`,
-resized (short side) and centre-cropped to `data.image_size`, and normalised with `data.mean`/`data.std`.
+(the same key=value syntax as train.py, parsed by OmegaConf). Images are read as the run's `dataset.channels`,
+resized (short side) and centre-cropped to `dataset.image_size`, and normalised with `dataset.mean`/`dataset.std`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
             model_cfg[key] = None
     model = build_model(model_cfg)
     ckpt.load_model_state(model, state["model"], f"ckpt_path={ckpt_path}")
-    class_names = state.get("class_names") or [str(i) for i in range(config["data"]["num_classes"])]
+    class_names = state.get("class_names") or [str(i) for i in range(config["dataset"]["num_classes"])]
     return model.to(device).eval(), config, list(class_names)
 
 
@@ -66,7 +66,7 @@ def predict(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5, device: s
 
     torch_device = resolve_device(device)
     model, config, class_names = load_model(ckpt_path, torch_device)
-    data = config["data"]
+    data = config["dataset"]
     paths = image_paths(inputs)
     check_readable([(str(p), 0) for p in paths])
     size, channels = int(data["image_size"]), int(data["channels"])

@@ -31,7 +31,7 @@ def weights_meta(name: str, weights: str | None, key: str):
 
 
 def image_folder_classes(root: str | None) -> int:
-    """`${image_folder_classes:${data.root}}`: the number of class folders (0 when root is missing)."""
+    """`${image_folder_classes:${dataset.root}}`: the number of class folders (0 when root is missing)."""
     from lab.data.image_folder import class_folders
 
     return len(class_folders(root))

@@ -157,8 +157,8 @@ def run(cfg: DictConfig) -> float:
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     resume = ckpt.load(cfg.ckpt_path) if cfg.ckpt_path else None  # fail fast on a bad file
 
-    splits = build_data(cfg.data)
-    loaders = build_loaders(splits, cfg.data, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
+    splits = build_data(cfg.dataset)
+    loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
     if ddp.enabled and getattr(model, "unfreeze_at_epoch", None) is not None:
         raise UserError("DistributedDataParallel is built once, with the parameters that train from the start",
@@ -171,7 +171,7 @@ def run(cfg: DictConfig) -> float:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    input_shape = (1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    input_shape = (1, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
     summary = model_summary(model, input_shape, device) if main_rank else ""
     if main_rank:
         (output_dir / "model_summary.txt").write_text(summary + "\n")
@@ -184,7 +184,7 @@ def run(cfg: DictConfig) -> float:
 
         if use_cache(model, splits):  # a frozen backbone: compute its features once, train the head on them
             loaders = cached_loaders(
-                model, splits, cfg.data, device, cfg.trainer.seed, ddp.rank, ddp.world_size
+                model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size
             )
             forward_model = model.head
 
@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> float:
         cfg.trainer.progress_bar = False
     callbacks = [
         *getattr(model, "callbacks", list)(),
-        *build_monitor(cfg.get("monitor"), cfg.data, splits.class_names),
+        *build_monitor(cfg.get("monitor"), cfg.dataset, splits.class_names),
     ]
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
         forward_model = ddp.wrap(forward_model or model)

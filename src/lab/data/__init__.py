@@ -1,9 +1,9 @@
-"""Datasets → seeded train/val/test splits → batch iterators on the device.  Driven by `conf/data/*.yaml`.
+"""Datasets → seeded train/val/test splits → batch iterators on the device.  Driven by `conf/dataset/*.yaml`.
 
 A data config names a dataset class with `dataset._target_` (a torchvision dataset or one of ours with the same
 `data`/`targets`/`classes` attributes). Such datasets are small enough to be held as tensors: they are read once,
-split with `data.split_seed`, resized/normalised once (or per batch on the device when that would not fit in
-memory) and served by `InMemoryLoader` (`data.in_memory: true`) or a classic `DataLoader`.
+split with `dataset.split_seed`, resized/normalised once (or per batch on the device when that would not fit in
+memory) and served by `InMemoryLoader` (`dataset.in_memory: true`) or a classic `DataLoader`.
 """
 
 from __future__ import annotations
@@ -69,18 +69,18 @@ def dataset_to_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
 def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
     from hydra.utils import instantiate
 
-    root = OmegaConf.select(cfg, "dataset.root")
+    root = OmegaConf.select(cfg, "source.root")
     try:
-        return instantiate(cfg.dataset, **kwargs)
+        return instantiate(cfg.source, **kwargs)
     except (
         Exception
     ) as e:  # torchvision raises RuntimeError/URLError/OSError for missing files and no network
         cause = e.__cause__ or e
         raise UserError(
             f"could not load {cfg.name} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})",
-            f"data.dataset.root={root}",
+            f"dataset.source.root={root}",
             f"put {cfg.get('files', 'the dataset files')} under {Path(str(root)).resolve()}, "
-            "or run once with internet and data.dataset.download=true",
+            "or run once with internet and dataset.source.download=true",
         ) from e
 
 
@@ -96,7 +96,7 @@ def _split(n: int, fractions: list[float], seed: int) -> list[Tensor]:
 
 
 def build_data(cfg: DictConfig) -> DataSplits:
-    """Read the dataset named by `cfg.dataset` and return preprocessed, seeded splits."""
+    """Read the dataset named by `cfg.source` and return preprocessed, seeded splits."""
     if cfg.get("builder"):  # a data module that builds its own splits, e.g. lab.data.image_folder.build
         from hydra.utils import get_method
 

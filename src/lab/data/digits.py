@@ -28,7 +28,7 @@ def _load_array() -> np.ndarray:
 class Digits(torch.utils.data.Dataset):
     """Same shape as torchvision's MNIST: `data` (N, 8, 8) in [0, 1], `targets`, `classes`.
 
-    Digits has no official test split; `lab.data` carves one out with `data.test_fraction`.
+    Digits has no official test split; `lab.data` carves one out with `dataset.test_fraction`.
     """
 
     classes = [str(i) for i in range(10)]

@@ -32,9 +32,9 @@ def use_cache(model: nn.Module, splits: DataSplits) -> bool:
     augmented = bool(splits.extra.get("augmented"))
     possible = model.can_cache_features() and not augmented
     if mode == "True" and not possible:
-        why = "data.augment=true changes the images every epoch" if augmented else "the backbone trains"
+        why = "dataset.augment=true changes the images every epoch" if augmented else "the backbone trains"
         raise UserError(f"cannot cache features: {why}", "model.cache_features",
-                        "use model.cache_features=auto or false, or model.freeze=true with data.augment=false")  # fmt: skip
+                        "use model.cache_features=auto or false, or model.freeze=true with dataset.augment=false")  # fmt: skip
     return possible
 
 

@@ -1,11 +1,11 @@
-"""Your own images in torchvision's ImageFolder layout. → `conf/data/image_folder.yaml`
+"""Your own images in torchvision's ImageFolder layout. → `conf/dataset/image_folder.yaml`
 
     root/<class>/*.jpg|png|...                       seeded split into train/val/test (data.*_fraction)
     root/train/<class>/...  [root/val/...]  [root/test/...]   the sub-folders given are used as they are
 
 Class names are the folder names (sorted). Every image's header is opened once up front so that an unreadable file
 is reported by name before training. Images are decoded, resized and cropped per sample (uint8, in DataLoader
-workers: random resized crop + flip on train when `data.augment`), then normalised on the device by `Preprocess`.
+workers: random resized crop + flip on train when `dataset.augment`), then normalised on the device by `Preprocess`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _samples(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     extra = sorted(set(found) - set(classes))
     if extra:
-        raise UserError(f"class folders {extra} are not in the training classes {classes}", f"data.root={folder}",
+        raise UserError(f"class folders {extra} are not in the training classes {classes}", f"dataset.root={folder}",
                         "use the same class folders in train/, val/ and test/")  # fmt: skip
     return [
         (str(path), index)
@@ -91,24 +91,24 @@ def check_readable(samples: list[tuple[str, int]]) -> None:
                 image.size  # noqa: B018
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
             raise UserError(f"unreadable image ({type(e).__name__})", path,
-                            "delete or replace the file, or move it out of data.root") from None  # fmt: skip
+                            "delete or replace the file, or move it out of dataset.root") from None  # fmt: skip
 
 
 def build(cfg: DictConfig) -> Any:
-    """`data.root` → `DataSplits` of `ImageFiles`; called by `lab.data.build_data` via `data.builder`."""
+    """`dataset.root` → `DataSplits` of `ImageFiles`; called by `lab.data.build_data` via `dataset.builder`."""
     from lab.data import DataSplits, Preprocess, _split
 
     if not cfg.root:
         raise UserError(
-            "no image folder given", "data.root", "python train.py data=image_folder data.root=/path"
+            "no image folder given", "dataset.root", "python train.py dataset=image_folder dataset.root=/path"
         )
     root = Path(str(cfg.root)).expanduser()
     if not root.is_dir():
         raise UserError(
-            "image folder not found", f"data.root={root}", "give a folder of <class>/<image> files"
+            "image folder not found", f"dataset.root={root}", "give a folder of <class>/<image> files"
         )
     classes = class_folders(root)
-    where = f"data.root={root}"
+    where = f"dataset.root={root}"
     if not classes:
         raise UserError(
             "no class folders in the image folder", where, "lay it out as root/<class>/<image files>"

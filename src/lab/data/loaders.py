@@ -95,7 +95,7 @@ class DeviceLoader:
 
 
 def default_num_workers() -> int:
-    """`data.num_workers: null`: one worker per CPU this process may use, keeping one for the loop (max 8)."""
+    """`dataset.num_workers: null`: one worker per CPU this process may use, keeping one for the loop (max 8)."""
     import os
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
