@@ -54,7 +54,9 @@ CASES = [
     Case("ckpt_empty", ("ckpt_path={d}/empty.pt",), "empty.pt"),
     Case("ckpt_foreign", ("ckpt_path={d}/foreign.pt",), "foreign.pt"),
     Case("ckpt_pickled_object", ("ckpt_path={d}/pickled.pt",), "pickled.pt"),
-    Case("ckpt_other_num_classes", ("ckpt_path={good}/checkpoints/last.pt", "dataset.num_classes=5"), "head."),
+    Case(
+        "ckpt_other_num_classes", ("ckpt_path={good}/checkpoints/last.pt", "dataset.num_classes=5"), "head."
+    ),
     Case("ckpt_other_model", ("ckpt_path={good}/checkpoints/last.pt", "model=mlp"), "last.pt"),
     Case("evaluate_without_ckpt", ("train=false",), "ckpt_path"),
     Case("nothing_to_do", ("train=false", "test=false"), "train=false"),

@@ -85,7 +85,9 @@ def test_missing_dataset_files_is_one_clear_error(tmp_path: Path) -> None:
         build_data(cfg.dataset)
     line = info.value.line()
     assert (
-        "dataset.source.root" in line and "MNIST/raw/train-images-idx3-ubyte" in line and str(tmp_path) in line
+        "dataset.source.root" in line
+        and "MNIST/raw/train-images-idx3-ubyte" in line
+        and str(tmp_path) in line
     )
 
 

@@ -42,7 +42,9 @@ def test_seeded_split_of_one_folder(tmp_path: Path) -> None:
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 3, 3)
     paths = [p for split in (splits.train, splits.val, splits.test) for p, _ in split.samples]
     assert len(set(paths)) == 30  # disjoint
-    assert [p for p, _ in build_data(cfg.dataset).test.samples] == [p for p, _ in splits.test.samples]  # seeded
+    assert [p for p, _ in build_data(cfg.dataset).test.samples] == [
+        p for p, _ in splits.test.samples
+    ]  # seeded
     x, y = next(iter(build_loaders(splits, cfg.dataset, torch.device("cpu"), seed=0)["train"]))
     assert x.shape == (len(x), 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
 
@@ -52,7 +54,11 @@ def test_train_val_test_sub_folders_and_augmentation(tmp_path: Path) -> None:
         make_images(tmp_path / "images" / split, per_class=n, classes=("cat", "dog"))
     cfg = image_folder_config(tmp_path / "images", tmp_path, "dataset.augment=true")
     splits = build_data(cfg.dataset)
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 6) and cfg.dataset.num_classes == 2
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (
+        12,
+        4,
+        6,
+    ) and cfg.dataset.num_classes == 2
     assert splits.extra["augmented"]
     torch.manual_seed(0)
     a, b = splits.train[0][0], splits.train[0][0]
@@ -82,7 +88,9 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
-    proc = run_train(tmp_path / "run", "dataset=image_folder", f"dataset.root={tmp_path / 'nowhere'}", check=False)
+    proc = run_train(
+        tmp_path / "run", "dataset=image_folder", f"dataset.root={tmp_path / 'nowhere'}", check=False
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: image folder not found (dataset.root=")
     assert "Traceback" not in proc.stderr
