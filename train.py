@@ -1,6 +1,7 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]`; `-m` runs a sweep. See README.md."""
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -16,9 +17,15 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from lab.config import precheck
+    from lab.errors import UserError
     from lab.redact import load_env
 
     load_env()  # `.env` (git-ignored) → environment, before Hydra composes the config
+    try:
+        precheck(sys.argv[1:])  # an unknown key, a wrong type or option: one line, before Hydra starts
+    except UserError as e:
+        e.exit()
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
         from lab.distributed import agree_on_run
 

@@ -30,7 +30,7 @@ ARGS = [
     "trainer.max_epochs=3",
     "trainer.limit_train_batches=16",
     "trainer.log_every_n_steps=3",
-    "trainer.early_stopping.patience=5",
+    "callbacks.early_stopping.patience=5",
     "checkpoint.every_n_steps=2",
     "scheduler=cosine",
     "scheduler.warmup_steps=10",
@@ -99,7 +99,7 @@ def assert_same_state(a: dict, b: dict) -> None:
                 torch.as_tensor(tensor), torch.as_tensor(b["optimizer"]["state"][key][name])
             ), name
     assert a["scheduler"] == b["scheduler"]
-    assert a["monitor"] == b["monitor"] and a["early_stopping"] == b["early_stopping"]
+    assert a["monitor"] == b["monitor"] and a["callbacks"] == b["callbacks"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY, cli_env, compose_config, run_train
+from hydra.utils import instantiate
 from torch import nn
 
 from lab import checkpoint as ckpt
@@ -123,12 +124,16 @@ def test_resume_auto_finds_the_newest_last_pt(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ NaN / Inf
+POISON = "+callbacks.poison={{_target_:poison.NaNGradients,after_steps:{}}}"  # tests/poison.py
+POISON_ENV = cli_env(PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}")
+
+
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    # SGD at lr=1e6 overflows within a few steps. Checkpoints every step, loss checked only every 50: the weight
-    # check before each write is what keeps the diverged state (incl. BatchNorm statistics) off the disk.
+    # NaN gradients from step 5 on (a test callback). Checkpoints every step, loss checked only every 50: the
+    # weight check before each write is what keeps the diverged state (incl. BatchNorm statistics) off the disk.
     run_dir = tmp_path / "run"
-    proc = run_train(run_dir, "optimizer=sgd", "optimizer.lr=1e6", "checkpoint.every_n_steps=1",
-                     "trainer.log_every_n_steps=50", "trainer.max_epochs=2", check=False)  # fmt: skip
+    proc = run_train(run_dir, POISON.format(5), "checkpoint.every_n_steps=1", "trainer.log_every_n_steps=50",
+                     "trainer.max_epochs=2", check=False, env=POISON_ENV)  # fmt: skip
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -142,8 +147,9 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_a_diverged_job_is_a_failed_objective_and_the_sweep_goes_on(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_train(None, "hydra.mode=MULTIRUN", "optimizer=sgd", "optimizer.lr=1e6,0.05", f"hydra.sweep.dir={sweep}", *TINY,
-                     "trainer.log_every_n_steps=1", "logger=none")  # fmt: skip
+    proc = run_train(None, "hydra.mode=MULTIRUN", POISON.format(2), "callbacks.poison.after_steps=2,1000",
+                     f"hydra.sweep.dir={sweep}", *TINY, "trainer.log_every_n_steps=1", "logger=none",
+                     env=POISON_ENV)  # fmt: skip
     assert proc.returncode == 0
     first, second = (json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1))
     assert first["status"] == "diverged" and second["status"] == "success"
@@ -177,8 +183,9 @@ def fit_on(batches: list, nan_policy: str, tmp_path: Path) -> nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     loaders = {"train": ListLoader(batches), "val": ListLoader(batches[:1])}
     checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max", save_last=False, save_top_k=0)
-    trainer = Trainer(cfg.trainer, model, optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1), loaders,
-                      LoggerFanOut({}), checkpointer, torch.device("cpu"), checkpoint_extra=dict)  # fmt: skip
+    trainer = Trainer(cfg.trainer, model, instantiate(cfg.task), optimizer,
+                      build_schedulers(cfg.scheduler, optimizer, 1, 1), loaders, LoggerFanOut({}), checkpointer,
+                      torch.device("cpu"), checkpoint_extra=dict)  # fmt: skip
     trainer.fit()
     return model
 
@@ -270,7 +277,7 @@ def interrupted_trainer(tmp_path: Path, train_loader: ListLoader, val_loader: Li
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max")
-    return Trainer(cfg.trainer, model, optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1),
+    return Trainer(cfg.trainer, model, instantiate(cfg.task), optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1),
                    {"train": train_loader, "val": val_loader}, LoggerFanOut({}), checkpointer, torch.device("cpu"),
                    checkpoint_extra=dict)  # fmt: skip
 

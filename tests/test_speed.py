@@ -144,6 +144,6 @@ def test_compile_trains_and_its_checkpoint_loads_into_a_plain_model(tmp_path):
     state = model_after(tmp_path, "model=mlp", "model.hidden=16", "trainer.compile=true",
                         "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")  # fmt: skip
     assert not any(key.startswith("_orig_mod") for key in state)  # the plain module's keys
-    model = MLP(in_channels=1, image_size=8, num_classes=10, hidden=16)
+    model = MLP(input_shape=(1, 8, 8), num_outputs=10, hidden=16)
     model.load_state_dict(state)  # strict
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -33,18 +33,31 @@ def due(every: int | None, count: int) -> bool:
 
 class Monitor:
     def __init__(
-        self, cfg: DictConfig, class_names: Sequence[str], mean: Sequence[float], std: Sequence[float]
+        self,
+        settings: DictConfig | None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
+        """`settings`: `conf/monitor/<option>.yaml` (None: nothing). `mean`/`std`: the images' normalisation."""
         self.cfg = plain(
-            OmegaConf.to_container(cfg, resolve=True)
-        )  # read in every step: no OmegaConf lookups
-        self.class_names = list(class_names)
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+            OmegaConf.to_container(settings or default_settings(), resolve=True)
+        )  # no lookups per step
+        self.mean = torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1)
         self.fixed_batch: tuple[Tensor, Tensor] | None = None
-        self.batches_are_images = (
-            True  # false when a frozen backbone's features are cached: no pictures to show
-        )
+        self.batches_are_images = True  # false for tables, or a frozen backbone's cached features
+        self.figures: frozenset[str] = frozenset()  # what the task can draw (set at the start)
+        self.class_names: list[str] = []
+
+    def drawn(self, name: str) -> bool:
+        """A figure that is switched on and that the task can draw."""
+        return getattr(self.cfg, name).enabled and name in self.figures
+
+    def labels(self, targets: Tensor) -> list[str]:
+        """Names of the targets: class names, or the values themselves (regression)."""
+        if targets.is_floating_point() or not self.class_names:
+            return [f"{v:.3g}" for v in targets.float().flatten().tolist()]
+        return [self.class_names[i] for i in targets.tolist()]
 
     # ------------------------------------------------------------ helpers
     def images(self, x: Tensor) -> Tensor:
@@ -74,15 +87,19 @@ class Monitor:
         return torch.cat(probs).cpu(), torch.cat(targets).cpu()
 
     # ------------------------------------------------------------ hooks
+    def setup(self, trainer: Any) -> None:
+        self.figures, self.class_names = trainer.task.figures, list(trainer.class_names)
+        self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
+
     def on_fit_start(self, trainer: Any) -> None:
         cfg, loggers, step = self.cfg, trainer.loggers, trainer.state.global_step
         if not loggers:
             return
+        self.setup(trainer)
         self.fixed_batch = self.first_samples(trainer, "val", max(cfg.predictions.count, 1))
-        self.batches_are_images = self.fixed_batch[0].ndim == 4
         if not self.batches_are_images:
-            log.info("monitor: the loader yields cached backbone features, not images: no graph, image grid, "
-                     "prediction figure or embedding thumbnails")  # fmt: skip
+            log.info("monitor: the batches are not images (a table, or cached backbone features): no graph, "
+                     "image grid, prediction figure or embedding thumbnails")  # fmt: skip
             return
         if cfg.graph:
             was_training = trainer.model.training
@@ -113,10 +130,14 @@ class Monitor:
         cfg, epoch = self.cfg, trainer.state.epoch
         if not trainer.loggers:
             return
-        if cfg.predictions.enabled and self.batches_are_images and due(cfg.predictions.every_n_epochs, epoch):
+        if (
+            self.drawn("predictions")
+            and self.batches_are_images
+            and due(cfg.predictions.every_n_epochs, epoch)
+        ):
             self.log_predictions(trainer)
-        if (cfg.confusion_matrix.enabled and due(cfg.confusion_matrix.every_n_epochs, epoch)) or (
-            cfg.pr_curves.enabled and due(cfg.pr_curves.every_n_epochs, epoch)
+        if (self.drawn("confusion_matrix") and due(cfg.confusion_matrix.every_n_epochs, epoch)) or (
+            self.drawn("pr_curves") and due(cfg.pr_curves.every_n_epochs, epoch)
         ):
             self.log_classification(trainer, "val", every_epoch=True)
 
@@ -124,8 +145,8 @@ class Monitor:
         """After training, on the weights `metrics.json` reports (best.pt), also for `train=false` runs."""
         if not trainer.loggers:
             return
-        self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
-        if self.cfg.confusion_matrix.enabled or self.cfg.pr_curves.enabled:
+        self.setup(trainer)
+        if self.drawn("confusion_matrix") or self.drawn("pr_curves"):
             for stage in self.cfg.stages:
                 self.log_classification(trainer, stage, every_epoch=False)
         if self.cfg.embedding.enabled:
@@ -147,20 +168,20 @@ class Monitor:
         """Confusion matrix and PR curves of `stage`; per epoch only those whose `every_n_epochs` is due."""
         cfg, epoch, step = self.cfg, trainer.state.epoch, trainer.state.global_step
         probs, targets = self.predict(trainer, stage)
-        if cfg.confusion_matrix.enabled and (
+        if self.drawn("confusion_matrix") and (
             not every_epoch or due(cfg.confusion_matrix.every_n_epochs, epoch)
         ):
             figure = confusion_figure(
                 confusion_matrix(probs.argmax(1), targets, len(self.class_names)), self.class_names
             )
             trainer.loggers.log_figure(f"{stage}/confusion_matrix", figure, step)
-        if cfg.pr_curves.enabled and (not every_epoch or due(cfg.pr_curves.every_n_epochs, epoch)):
+        if self.drawn("pr_curves") and (not every_epoch or due(cfg.pr_curves.every_n_epochs, epoch)):
             trainer.loggers.log_pr_curves(f"{stage}/pr_curve", targets, probs, self.class_names, step)
 
     def log_embedding(self, trainer: Any) -> None:
         model = trainer.model
         x, y = self.first_samples(trainer, "val", self.cfg.embedding.count)
-        labels = [self.class_names[i] for i in y.tolist()]
+        labels = self.labels(y)
         if not self.batches_are_images:  # the batches already are the penultimate features
             trainer.loggers.log_embedding(
                 "val/features", x.flatten(1).float(), labels, None, trainer.state.global_step
@@ -181,11 +202,11 @@ class Monitor:
         )
 
 
-def build_monitor(cfg: DictConfig | None, data_cfg: DictConfig, class_names: Sequence[str]) -> list[Monitor]:
-    """The Trainer's callbacks for `cfg.monitor` (none when the group is absent)."""
-    if cfg is None:
-        return []
-    return [Monitor(cfg, class_names, data_cfg.mean, data_cfg.std)]
+def default_settings() -> DictConfig:
+    """`conf/monitor/none.yaml`'s switches, all off: a monitor without settings draws nothing."""
+    off = {"enabled": False, "every_n_epochs": None, "every_n_steps": None, "count": 0}
+    names = ("train_images", "histograms", "predictions", "confusion_matrix", "pr_curves", "embedding")
+    return OmegaConf.create({"graph": False, "stages": [], **{name: off for name in names}})
 
 
 def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lab.config import build
 from lab.errors import UserError
 
 # Keys of a scheduler config that are ours, not the scheduler class's.
@@ -34,7 +34,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = [g for g in trainable_parameters(model) if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters", "model.freeze", "unfreeze at least the head")
-    optimizer = instantiate(cfg)(groups)
+    optimizer = build(cfg, "optimizer", groups)
     for group in optimizer.param_groups:  # e.g. a backbone's discriminative lr (lab.models.backbone)
         group["lr"] *= group.get("lr_scale", 1.0)
     return optimizer
@@ -91,7 +91,7 @@ def build_schedulers(
     if args.get("_target_"):
         if "total_steps" in args and args["total_steps"] is None:  # OneCycleLR: known only now
             args["total_steps"] = steps_per_epoch * max_epochs
-        main = instantiate(args)(optimizer)
+        main = build(OmegaConf.create(args), "scheduler", optimizer)
     warmup = None
     if warmup_steps:  # lr x (step + 1) / warmup_steps for the first warmup_steps steps
         warmup = torch.optim.lr_scheduler.LinearLR(

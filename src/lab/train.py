@@ -1,4 +1,4 @@
-"""Config → build (data, model, optimizer, loggers) → loop → checkpoints, metrics, logs.
+"""Config → build (dataset, model, task, optimizer, loggers, callbacks) → loop → checkpoints, metrics, logs.
 
 `main(cfg)` is what `python train.py` runs inside `@hydra.main`; it returns the objective for sweepers: the best
 value of `checkpoint.monitor`, or NaN for a failed or diverged run so that a sweep records it and goes on.
@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,10 @@ def print_config(config: dict[str, Any]) -> None:
     rich_print(tree)
 
 
-def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
-    import torch
+def model_summary(model: Any, example: Any) -> str:
     from torchinfo import summary
 
-    # Zeros rather than torchinfo's random input: the summary must not consume the seeded RNG.
-    example = torch.zeros(input_shape, device=device)
-    stats = summary(model, input_data=example, verbose=0, depth=3, device=device,
+    stats = summary(model, input_data=example, verbose=0, depth=3, device=example.device,
                     col_names=("input_size", "output_size", "num_params", "trainable"))  # fmt: skip
     return str(stats)
 
@@ -123,74 +121,75 @@ def resolve_resume(cfg: DictConfig) -> None:
     log.info("resume=auto: resuming from %s", found)
 
 
+@dataclass
+class Job:
+    """Everything a run is made of, built from the config before the first step."""
+
+    cfg: DictConfig
+    config: dict[str, Any]  # resolved, secrets masked: what is printed, logged and saved
+    output_dir: Path
+    main_rank: bool  # only rank 0 of a torchrun job prints, logs and writes files
+    ddp: Any
+    splits: Any
+    model: Any
+    task: Any
+    trainer: Any
+    resume: dict[str, Any] | None
+
+
 def run(cfg: DictConfig) -> float:
+    """Check the config, build everything, train, evaluate the best weights, report."""
+    resolve_resume(cfg)
+    validate(cfg)
+    job = build(cfg)
+    return fit_and_report(job)
+
+
+def build(cfg: DictConfig) -> Job:
     import torch
 
     from lab import checkpoint as ckpt
     from lab import distributed
+    from lab.callbacks import build_callbacks
+    from lab.config import build as build_object
+    from lab.config import check_monitor
     from lab.data import build_data, build_loaders
-    from lab.loggers import LoggerFanOut, build_loggers, flatten
+    from lab.loggers import LoggerFanOut, build_loggers
     from lab.models import build_model
-    from lab.monitor import build_monitor
     from lab.optim import build_optimizer, build_schedulers
     from lab.redact import install_log_filter, redact, scrub_hydra_dir
-    from lab.runtime import check_launch_env, check_writable, resolve_device, run_info, seed_everything
+    from lab.runtime import check_launch_env, check_writable, resolve_device, seed_everything
     from lab.trainer import Trainer
 
-    resolve_resume(cfg)
-    validate(cfg)
     check_launch_env()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config = redact(resolved)  # what gets printed, logged and saved
+    config = redact(resolved)
     scrub_hydra_dir(output_dir, resolved)
     install_log_filter(resolved)
     device = resolve_device(cfg.trainer.device)
     ddp, device = distributed.setup(cfg.trainer, device)  # one process, or one rank of a torchrun job
-    main_rank = ddp.is_main  # only rank 0 prints, logs and writes files
-    if cfg.get("print_config", True) and main_rank:
-        print_config(config)
+    main_rank = ddp.is_main
     if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
+    task = build_object(cfg.task, "task")
+    check_monitor(cfg.checkpoint.monitor, task.metric_names())
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     resume = ckpt.load(cfg.ckpt_path) if cfg.ckpt_path else None  # fail fast on a bad file
 
     splits = build_data(cfg.dataset)
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
-    if ddp.enabled and getattr(model, "unfreeze_at_epoch", None) is not None:
-        raise UserError("DistributedDataParallel is built once, with the parameters that train from the start",
-                        "model.unfreeze_at_epoch", "under torchrun use model.unfreeze_at_epoch=null (and "
-                        "model.freeze=false to fine-tune everything), or train on one process")  # fmt: skip
     if resume is not None:
         ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
-        if hasattr(model, "set_epoch"):  # e.g. a backbone unfrozen by then: the optimizer must have its group
-            model.set_epoch(resume["epoch"])
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    input_shape = (1, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
-    summary = model_summary(model, input_shape, device) if main_rank else ""
-    if main_rank:
-        (output_dir / "model_summary.txt").write_text(summary + "\n")
-        log.info("model summary:\n%s", summary)
-        write_json(output_dir / "run_info.json", run_info())
-        write_json(output_dir / "class_names.json", {"class_names": splits.class_names})
-    forward_model = None
-    if hasattr(model, "can_cache_features"):
-        from lab.data.features import cached_loaders, use_cache
-
-        if use_cache(model, splits):  # a frozen backbone: compute its features once, train the head on them
-            loaders = cached_loaders(
-                model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size
-            )
-            forward_model = model.head
-
+    forward_model = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
-    num_batches = len(loaders["train"])
-    schedulers = build_schedulers(cfg.scheduler, optimizer, num_batches, cfg.trainer.max_epochs)
+    schedulers = build_schedulers(cfg.scheduler, optimizer, len(loaders["train"]), cfg.trainer.max_epochs)
     checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     if not main_rank:
         checkpoint_cfg |= {"save_last": False, "save_top_k": 0}
@@ -198,66 +197,84 @@ def run(cfg: DictConfig) -> float:
     if cfg.train and checkpointer.enabled and main_rank:
         check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
-    if not main_rank:
-        cfg.trainer.progress_bar = False
-    callbacks = [
-        *getattr(model, "callbacks", list)(),
-        *build_monitor(cfg.get("monitor"), cfg.dataset, splits.class_names),
-    ]
+    callbacks = build_callbacks(cfg.get("callbacks"))
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
         forward_model = ddp.wrap(forward_model or model)
     trainer = Trainer(
-        cfg.trainer, model, optimizer, schedulers, loaders, loggers, checkpointer, device,
+        cfg.trainer, model, task, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "loggers": loggers.state_dict()},
-        callbacks=callbacks, forward_model=forward_model,
-        reduce=ddp.all_reduce_sum if ddp.enabled else None,
+        callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
+        show_progress=main_rank, class_names=splits.class_names,
     )  # fmt: skip
-    if resume is not None and cfg.train:
-        trainer.load_checkpoint_state(resume)
-        loggers.resume(trainer.state.global_step, resume.get("loggers") or {})
-        log.info(
-            "resumed from %s at epoch %d, step %d",
-            cfg.ckpt_path,
-            trainer.state.epoch,
-            trainer.state.global_step,
-        )
+    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, task, trainer, resume)
 
-    status = "failed"
+
+def cached_features_head(
+    cfg: DictConfig, model: Any, splits: Any, device: Any, ddp: Any, loaders: dict
+) -> Any:
+    """A frozen backbone's features computed once (`model.cache_features`): `loaders` then serve them and the
+    head alone runs in the loop (returned); None when the whole model runs."""
+    from lab.data.features import cached_loaders, use_cache
+    from lab.models.backbone import Backbone
+
+    if not isinstance(model, Backbone) or not use_cache(model, splits):
+        return None
+    loaders |= cached_loaders(model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
+    return model.head
+
+
+def fit_and_report(job: Job) -> float:
+    from lab import checkpoint as ckpt
+    from lab.loggers import flatten
+    from lab.runtime import run_info
+    from lab.trainer import TrainingInterrupted
+
+    cfg, trainer, loggers = job.cfg, job.trainer, job.trainer.loggers
+    checkpointer = trainer.checkpointer
+    summary = model_summary(job.model, job.task.example_input(trainer.device)) if job.main_rank else ""
+    if job.main_rank:
+        if cfg.get("print_config", True):
+            print_config(job.config)
+        (job.output_dir / "model_summary.txt").write_text(summary + "\n")
+        log.info("model summary:\n%s", summary)
+        write_json(job.output_dir / "run_info.json", run_info())
+        write_json(job.output_dir / "class_names.json", {"class_names": job.splits.class_names})
+    if job.resume is not None and cfg.train:
+        trainer.load_checkpoint_state(job.resume)
+        loggers.resume(trainer.state.global_step, job.resume.get("loggers") or {})
+        log.info("resumed from %s at epoch %d, step %d", cfg.ckpt_path, trainer.state.epoch,
+                 trainer.state.global_step)  # fmt: skip
+
+    status, best = "failed", None
     try:
-        loggers.log_config(config)
-        loggers.watch(model)
-        loggers.log_text("config", OmegaConf.to_yaml(config))
+        loggers.log_config(job.config)
+        loggers.watch(job.model)
+        loggers.log_text("config", OmegaConf.to_yaml(job.config))
         loggers.log_text("model_summary", summary)
         if cfg.train:
             trainer.fit()
-        ddp.barrier()  # rank 0 has written best.pt
+        job.ddp.barrier()  # rank 0 has written best.pt
         # Final evaluation on the best weights (last ones when no best.pt was written).
         if cfg.train and checkpointer.best_path.is_file():
-            model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
+            job.model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)
         trainer.callback("on_final_evaluation", metrics)
         best = trainer.state.best if trainer.state.best is not None else metrics.get(checkpointer.monitor)
-        loggers.log_metrics({f"final/{k}": v for k, v in metrics.items()}, trainer.state.global_step)
-        loggers.log_hparams(flatten(config), {f"final/{k}": v for k, v in metrics.items()})
-        summary_metrics = {
-            **metrics,
-            "monitor": checkpointer.monitor,
-            "mode": checkpointer.mode,
-            "best": best,
-            "epochs": trainer.state.epoch,
-            "global_step": trainer.state.global_step,
-            "status": "success",
-        }
-        if main_rank:
-            write_json(output_dir / "metrics.json", summary_metrics)
+        final = {f"final/{k}": v for k, v in metrics.items()}
+        loggers.log_metrics(final, trainer.state.global_step)
+        loggers.log_hparams(flatten(job.config), final)
+        if job.main_rank:
+            write_json(job.output_dir / "metrics.json", {
+                **metrics, "monitor": checkpointer.monitor, "mode": checkpointer.mode, "best": best,
+                "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
+                "status": "success", "stopped_early": trainer.should_stop,
+            })  # fmt: skip
         log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         status = "success"
     except BaseException as e:
-        from lab.trainer import TrainingInterrupted
-
         status = "interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed"
         raise
     finally:
@@ -266,5 +283,5 @@ def run(cfg: DictConfig) -> float:
         finally:
             loggers.close(status)
             log.info("loggers closed (%s)", status)
-            ddp.close(success=status == "success")
+            job.ddp.close(success=status == "success")
     return float(best) if best is not None else math.nan

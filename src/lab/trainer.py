@@ -1,14 +1,16 @@
 """The training loop: fit, validate, test. Driven by `conf/trainer/*.yaml`.
 
-It sees a model, loaders, an optimizer, schedulers, a logger fan-out and a checkpointer, and nothing else: no
-dataset classes, no logging libraries. Metrics accumulate on the device and are read back once per logging
-interval, so the loop adds no host-device synchronisation per step.
+It sees a model, a task (loss and metrics, `lab.tasks`), loaders, an optimizer, schedulers, a logger fan-out, a
+checkpointer and callbacks, and nothing else: no loss, metric, dataset class or logging library is named here.
+Metrics accumulate on the device and are read back once per logging interval, so the loop adds no host-device
+synchronisation per step.
 
-Callbacks (`callbacks=[...]`, e.g. `lab.monitor.Monitor`, a backbone's unfreezing) may define any of these
-methods, each called as `hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward`
-(gradients present, before the optimizer step), `on_validation_end(metrics)`, `on_fit_end`, and
+Callbacks (`conf/callbacks/*.yaml`, see `lab.callbacks`) may define any of these methods, each called as
+`hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward` (gradients present, before
+the optimizer step), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
 `on_final_evaluation(metrics)` (called by `lab.train.run` after evaluating the best weights, also with
-`train=false`).
+`train=false`). A callback stops training after the current epoch (checkpoints written, normal exit) with
+`trainer.should_stop = True`; one with `state_dict()`/`load_state_dict()` has its state in every checkpoint.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lab import checkpoint as ckpt
+from lab.metrics import Metrics
 from lab.optim import Schedulers
+from lab.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,6 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken
     batch_in_epoch: int = 0  # batches of the current epoch already trained (for mid-epoch resume)
     best: float | None = None  # best value of the monitored metric so far
-    bad_epochs: int = 0  # epochs since it last improved (early stopping)
 
 
 def limit_batches(limit: int | float | None, num_batches: int) -> int:
@@ -64,91 +66,12 @@ def limit_batches(limit: int | float | None, num_batches: int) -> int:
     return min(num_batches, limit)
 
 
-class Metrics:
-    """Running loss/accuracy sums kept on the device; `compute()` is the only synchronisation.
-
-    `update` only keeps references to a batch's (detached) loss, logits and targets. They are reduced into the sums
-    in one batched pass every `FOLD_EVERY` batches and whenever the sums are read: a few kernels per logging
-    interval instead of a dozen per step.
-    """
-
-    FOLD_EVERY = 32
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
-        self.correct_top5 = torch.zeros((), device=self.device, dtype=torch.long)
-        self.top5 = False  # reported when there are more than 5 classes
-        self.count = 0
-        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
-
-    def update(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
-        self.pending.append((loss.detach(), logits.detach(), targets))
-        self.count += len(targets)
-        if len(self.pending) >= self.FOLD_EVERY:
-            self.fold()
-
-    @torch.no_grad()
-    def fold(self) -> None:
-        if not self.pending:
-            return
-        losses, logits, targets = zip(*self.pending, strict=True)
-        self.pending = []
-        sizes = torch.tensor([len(t) for t in targets], dtype=torch.float32).to(
-            self.device, non_blocking=True
-        )
-        self.loss += (torch.stack(losses).float() * sizes).sum()
-        logits, targets = torch.cat(logits), torch.cat(targets)
-        self.correct += (logits.argmax(1) == targets).sum()
-        if logits.shape[1] > 5:
-            self.top5 = True
-            self.correct_top5 += (logits.topk(5, 1).indices == targets[:, None]).any(1).sum()
-
-    def merge(self, other: Metrics) -> None:
-        """Add another window's sums (the loop updates one window per step and folds it in when logging)."""
-        other.fold()
-        self.loss += other.loss
-        self.correct += other.correct
-        self.correct_top5 += other.correct_top5
-        self.top5 |= other.top5
-        self.count += other.count
-
-    def state_dict(self) -> dict[str, Any]:
-        self.fold()
-        sums = {"loss": self.loss, "correct": self.correct, "correct_top5": self.correct_top5}
-        return {**{k: v.detach().cpu() for k, v in sums.items()}, "top5": self.top5, "count": self.count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss = state["loss"].to(self.device)
-        self.correct = state["correct"].to(self.device)
-        self.correct_top5 = state.get("correct_top5", torch.zeros_like(state["correct"])).to(self.device)
-        self.top5 = bool(state.get("top5", False))
-        self.count = int(state["count"])
-        self.pending = []
-
-    def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-        self.fold()
-        count = torch.tensor(float(self.count), device=self.device)
-        values = torch.stack([self.loss.float(), self.correct.float(), count, self.correct_top5.float()])
-        if reduce is not None:  # all-reduce across ranks under DDP
-            values = reduce(values)
-        loss, correct, count, correct_top5 = values.tolist()
-        count = max(count, 1.0)
-        metrics = {f"{stage}/loss": loss / count, f"{stage}/acc": correct / count}
-        if self.top5:
-            metrics[f"{stage}/acc_top5"] = correct_top5 / count
-        return metrics
-
-
 class Trainer:
     def __init__(
         self,
         cfg: DictConfig,
         model: nn.Module,
+        task: Task,
         optimizer: torch.optim.Optimizer,
         schedulers: Schedulers,
         loaders: dict[str, Any],
@@ -156,11 +79,15 @@ class Trainer:
         checkpointer: ckpt.Checkpointer,
         device: torch.device,
         checkpoint_extra: Callable[[], dict[str, Any]],
-        callbacks: Iterable[Any] = (),
+        callbacks: dict[str, Any] | None = None,
         forward_model: nn.Module | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        show_progress: bool = True,
+        class_names: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
+        self.task = task
+        self.class_names = list(class_names)  # for callbacks that name classes (the monitor's figures)
         self.model = model  # the plain module: its state_dict is what checkpoints hold
         # What batches go through: the model, a part of it (e.g. a head on cached features) or a DDP wrapper of
         # either; compiled when `trainer.compile`.
@@ -172,15 +99,17 @@ class Trainer:
         self.checkpoint_extra = (
             checkpoint_extra  # config, class names, logger state: things the loop doesn't own
         )
-        self.callbacks = list(callbacks)
+        self.callbacks = dict(callbacks or {})
         self.monitor, self.mode = checkpointer.monitor, checkpointer.mode
         self.state = TrainState()
         self.stop_signal: int | None = None
+        self.should_stop = False  # set by a callback (early stopping, pruning): stop after this epoch
+        self.show_progress = bool(cfg.progress_bar) and show_progress
         self.nan_policy = str(cfg.get("nan_policy", "stop"))
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
-        # Running sums of the epoch in progress; saved in mid-epoch checkpoints so a resumed epoch reports the
-        # same train/loss and train/acc as an uninterrupted one.
-        self.epoch_metrics, self.window = Metrics(device), Metrics(device)  # the epoch, the logging window
+        # Running sums of the epoch in progress and of the logging window; saved in mid-epoch checkpoints so a
+        # resumed epoch reports the same train metrics as an uninterrupted one.
+        self.train_metrics = Metrics(task, device, window=True)
         self.resumed_metrics: dict[str, Any] | None = None
         self.reduce = reduce  # sums a tensor over the DDP ranks (None: one process)
 
@@ -203,7 +132,7 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
     def callback(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
+        for cb in self.callbacks.values():
             method = getattr(cb, hook, None)
             if method is not None:
                 method(self, *args)
@@ -228,10 +157,10 @@ class Trainer:
             "global_step": self.state.global_step,
             "batch_in_epoch": self.state.batch_in_epoch,
             "monitor": {"name": self.monitor, "mode": self.mode, "best": self.state.best},
-            "early_stopping": {"bad_epochs": self.state.bad_epochs},
-            "train_metrics": {"epoch": self.epoch_metrics.state_dict(), "window": self.window.state_dict()}
-            if self.state.batch_in_epoch
-            else None,
+            "callbacks": {
+                name: cb.state_dict() for name, cb in self.callbacks.items() if hasattr(cb, "state_dict")
+            },
+            "train_metrics": self.train_metrics.state_dict() if self.state.batch_in_epoch else None,
             "rng": rng_state(),
             **self.checkpoint_extra(),
         }
@@ -249,8 +178,10 @@ class Trainer:
             global_step=state["global_step"],
             batch_in_epoch=state.get("batch_in_epoch", 0),
             best=state.get("monitor", {}).get("best"),
-            bad_epochs=state.get("early_stopping", {}).get("bad_epochs", 0),
         )
+        for name, cb_state in (state.get("callbacks") or {}).items():
+            if name in self.callbacks and hasattr(self.callbacks[name], "load_state_dict"):
+                self.callbacks[name].load_state_dict(cb_state)
         self.checkpointer.load_state_dict(state.get("checkpointer", {}))
         if self.state.batch_in_epoch:
             self.resumed_metrics = state.get("train_metrics")
@@ -287,7 +218,6 @@ class Trainer:
         cfg, state = self.cfg, self.state
         train_loader = self.loaders["train"]
         num_batches = limit_batches(cfg.limit_train_batches, len(train_loader))
-        patience = cfg.early_stopping.patience
         val_metrics: dict[str, float] = {}
         self.callback("on_fit_start")
         with self.stop_signals():
@@ -303,12 +233,6 @@ class Trainer:
                 epoch_metrics = {**train_metrics, **val_metrics}
                 value = epoch_metrics.get(self.monitor)
                 is_best = value is not None and ckpt.improved(value, state.best, self.mode)
-                if value is not None and ckpt.improved(
-                    value, state.best, self.mode, cfg.early_stopping.min_delta
-                ):
-                    state.bad_epochs = 0
-                else:
-                    state.bad_epochs += 1
                 if is_best:
                     state.best = value
                 self.schedulers.step_after_epoch(epoch_metrics)
@@ -320,13 +244,12 @@ class Trainer:
                     "epoch %d/%d  %s", state.epoch, cfg.max_epochs,
                     "  ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()),
                 )  # fmt: skip
-                self.callback("on_validation_end", val_metrics)
+                self.callback("on_validation_end", epoch_metrics)
                 if self.checkpointer.enabled:
                     self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
-                if patience and state.bad_epochs >= patience:
-                    log.info("early stopping: %s has not improved for %d epochs", self.monitor, patience)
+                if self.should_stop:
                     break
         self.checkpointer.wait()  # the last checkpoint is on disk before anything reads it
         self.callback("on_fit_end")
@@ -334,18 +257,16 @@ class Trainer:
 
     def train_epoch(self, loader: Any, num_batches: int) -> dict[str, float]:
         cfg, state = self.cfg, self.state
-        model, optimizer, scaler = self.forward_model, self.optimizer, self.scaler
+        model, task, optimizer, scaler = self.forward_model, self.task, self.optimizer, self.scaler
         # Plain Python values: an OmegaConf attribute lookup per step costs more than the metric update.
         accumulate, log_every = cfg.accumulate_grad_batches, cfg.log_every_n_steps
         clip = cfg.gradient_clip_val
         model.train()
         loader.set_epoch(state.epoch)
-        epoch_metrics, window = Metrics(self.device), Metrics(self.device)
+        self.train_metrics = metrics = Metrics(task, self.device, window=True)
         if self.resumed_metrics is not None:  # mid-epoch resume: the sums of the batches already done
-            epoch_metrics.load_state_dict(self.resumed_metrics["epoch"])
-            window.load_state_dict(self.resumed_metrics["window"])
+            metrics.load_state_dict(self.resumed_metrics)
             self.resumed_metrics = None
-        self.epoch_metrics, self.window = epoch_metrics, window
         skip_nan = self.nan_policy == "skip"
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
@@ -354,8 +275,8 @@ class Trainer:
         progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
         for index, (x, y) in enumerate(progress, start=start):
             with self.autocast():
-                logits = model(self.prepare(x))
-                loss = F.cross_entropy(logits, y)
+                outputs, y = task.adapt(model(self.prepare(x)), y)
+                loss = task.loss(outputs, y)
             scaled = loss / accumulate if accumulate > 1 else loss
             (scaler.scale(scaled) if scaler else scaled).backward()
             if skip_nan:
@@ -363,7 +284,7 @@ class Trainer:
                 nonfinite |= ~finite
                 # Keep a skipped batch out of the metrics without a host sync: its loss counts as 0.
                 loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))
-            window.update(loss, logits, y)
+            metrics.update(loss, outputs, y)
             state.batch_in_epoch = index + 1
             if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
                 continue  # accumulate gradients over more batches
@@ -393,30 +314,29 @@ class Trainer:
             self.schedulers.step_after_optimizer(state.global_step)
 
             if log_now:
-                metrics = window.compute("train", self.reduce)
-                self.check_finite(metrics["train/loss"])
+                metrics.fold()
+                samples = metrics.window.count
+                values = metrics.compute_window("train", self.reduce)
+                self.check_finite(values["train/loss"])
                 elapsed = time.perf_counter() - window_start
-                metrics["train/samples_per_sec"] = window.count / max(elapsed, 1e-9)
+                values["train/samples_per_sec"] = samples / max(elapsed, 1e-9)
                 if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                self.loggers.log_metrics({**metrics, **lrs}, state.global_step)
+                    values["train/grad_norm"] = float(grad_norm)
+                self.loggers.log_metrics({**values, **lrs}, state.global_step)
                 if hasattr(progress, "set_postfix"):
                     progress.set_postfix(  # shown at tqdm's next redraw (at most every 0.1 s), not redrawn now
-                        loss=f"{metrics['train/loss']:.4f}",
-                        samples_s=f"{metrics['train/samples_per_sec']:.0f}",
+                        loss=f"{values['train/loss']:.4f}",
+                        samples_s=f"{values['train/samples_per_sec']:.0f}",
                         refresh=False,
                     )
-                epoch_metrics.merge(window)
-                window.reset()
                 window_start = time.perf_counter()
             if self.checkpointer.step_due(state.global_step):
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
                 break
-        epoch_metrics.merge(window)
-        metrics = epoch_metrics.compute("train", self.reduce)
-        self.check_finite(metrics["train/loss"])
-        return metrics
+        values = metrics.compute("train", self.reduce)
+        self.check_finite(values["train/loss"])
+        return values
 
     def check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -443,7 +363,7 @@ class Trainer:
         raise TrainingInterrupted(self.stop_signal)
 
     def progress(self, iterable: Iterable, total: int, initial: int = 0, desc: str = "") -> Iterable:
-        if not self.cfg.progress_bar:
+        if not self.show_progress:
             return iterable
         from tqdm.auto import tqdm
 
@@ -454,7 +374,7 @@ class Trainer:
     def outputs(
         self, stage: str, limit: int | float | None = None, progress: bool = False
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """(logits, loss, targets) of each batch of a split in eval mode, up to `limit` batches."""
+        """(outputs, loss, targets) of each batch of a split in eval mode, up to `limit` batches."""
         loader, model = self.loaders[stage], self.forward_model
         num_batches = limit_batches(limit, len(loader))
         batches = islice(loader, num_batches)
@@ -465,17 +385,17 @@ class Trainer:
         try:
             for x, y in batches:
                 with self.autocast():
-                    logits = model(self.prepare(x))
-                    loss = F.cross_entropy(logits, y)
-                yield logits, loss, y
+                    outputs, y = self.task.adapt(model(self.prepare(x)), y)
+                    loss = self.task.loss(outputs, y)
+                yield outputs, loss, y
         finally:
             model.train(was_training)
 
     @torch.inference_mode()
     def evaluate(self, stage: str, limit: int | float | None = None) -> dict[str, float]:
-        metrics = Metrics(self.device)
-        for logits, loss, y in self.outputs(stage, limit, progress=True):
-            metrics.update(loss, logits, y)
+        metrics = Metrics(self.task, self.device)
+        for outputs, loss, y in self.outputs(stage, limit, progress=True):
+            metrics.update(loss, outputs, y)
         return metrics.compute(stage, self.reduce)
 
     def state_dict(self) -> dict[str, Any]:

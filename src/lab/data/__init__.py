@@ -1,6 +1,6 @@
 """Datasets → seeded train/val/test splits → batch iterators on the device.  Driven by `conf/dataset/*.yaml`.
 
-A data config names a dataset class with `dataset._target_` (a torchvision dataset or one of ours with the same
+A dataset config names a dataset class with `dataset.source._target_` (a torchvision dataset or one of ours with the same
 `data`/`targets`/`classes` attributes). Such datasets are small enough to be held as tensors: they are read once,
 split with `dataset.split_seed`, resized/normalised once (or per batch on the device when that would not fit in
 memory) and served by `InMemoryLoader` (`dataset.in_memory: true`) or a classic `DataLoader`.
@@ -57,31 +57,63 @@ class Preprocess:
 
 
 def dataset_to_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    """torchvision's in-memory datasets (MNIST, CIFAR, ...) keep everything in `data`/`targets`."""
-    images = torch.as_tensor(dataset.data)
-    if images.ndim == 3:  # (N, H, W) grayscale
-        images = images.unsqueeze(1)
-    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # (N, H, W, C)
-        images = images.permute(0, 3, 1, 2)
-    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+    """torchvision's in-memory datasets (MNIST, CIFAR, ...) and ours keep everything in `data`/`targets`.
+
+    Images become (N, C, H, W); table rows (N, features) stay as they are. Integer targets are class indices
+    (int64), real-valued ones regression targets (float32).
+    """
+    samples = torch.as_tensor(dataset.data)
+    if samples.ndim == 3:  # (N, H, W) grayscale
+        samples = samples.unsqueeze(1)
+    elif samples.ndim == 4 and samples.shape[-1] in (1, 3) and samples.shape[1] not in (1, 3):  # (N, H, W, C)
+        samples = samples.permute(0, 3, 1, 2)
+    targets = torch.as_tensor(dataset.targets)
+    targets = targets.float() if targets.is_floating_point() else targets.long()
+    return samples.contiguous(), targets
+
+
+# What torchvision's datasets raise for files that are not there (and no network to download them): a
+# user's fix, not a bug. Anything else raised while building a dataset is shown with its traceback.
+MISSING_FILES = (FileNotFoundError, ConnectionError, TimeoutError)
 
 
 def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
+    from urllib.error import URLError
+
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     root = OmegaConf.select(cfg, "source.root")
     try:
         return instantiate(cfg.source, **kwargs)
-    except (
-        Exception
-    ) as e:  # torchvision raises RuntimeError/URLError/OSError for missing files and no network
-        cause = e.__cause__ or e
+    except InstantiationException as e:
+        cause = e.__cause__
+        missing = isinstance(cause, (*MISSING_FILES, URLError)) or (
+            isinstance(cause, RuntimeError) and "not found" in str(cause).lower()  # torchvision's wording
+        )
+        if not missing:
+            raise
         raise UserError(
             f"could not load {cfg.name} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})",
             f"dataset.source.root={root}",
             f"put {cfg.get('files', 'the dataset files')} under {Path(str(root)).resolve()}, "
             "or run once with internet and dataset.source.download=true",
-        ) from e
+        ) from None
+
+
+def check_targets(targets: Tensor, num_classes: int | None, name: str) -> None:
+    """Class indices must fit `num_classes` (else the loss fails with an IndexError mid-epoch)."""
+    if num_classes is None or targets.is_floating_point() or not len(targets):
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= num_classes:
+        raise UserError(
+            f"{name} has labels {low}..{high}, outside 0..{num_classes - 1}",
+            "dataset.num_classes",
+            f"set dataset.num_classes={high + 1} (labels must be 0..num_classes-1)"
+            if low >= 0
+            else "labels must be class indices 0..num_classes-1",
+        )
 
 
 def _split(n: int, fractions: list[float], seed: int) -> list[Tensor]:
@@ -113,14 +145,24 @@ def build_data(cfg: DictConfig) -> DataSplits:
         train_x, train_y, test_x, test_y = all_x, all_y, all_x[test_idx], all_y[test_idx]
     val_x, val_y = train_x[val_idx], train_y[val_idx]
     train_x, train_y = train_x[train_idx], train_y[train_idx]
+    num_classes = cfg.get("num_classes")
+    for split, y in (("train", train_y), ("val", val_y), ("test", test_y)):
+        check_targets(y, num_classes, f"the {split} split of {cfg.name}")
 
-    preprocess = Preprocess(cfg.image_size, cfg.channels, list(cfg.mean), list(cfg.std))
-    n_values = (len(train_y) + len(val_y) + len(test_y)) * cfg.channels * cfg.image_size**2
-    transform: Transform | None = preprocess
-    if n_values * 4 <= PRECOMPUTE_MAX_BYTES:
-        train_x, val_x, test_x = (_chunked(preprocess, x) for x in (train_x, val_x, test_x))
-        transform = None
-    class_names = list(cfg.class_names or getattr(source, "classes", None) or range(cfg.num_classes))
+    transform: Transform | None = None
+    if "image_size" in cfg:
+        preprocess = Preprocess(cfg.image_size, cfg.channels, list(cfg.mean), list(cfg.std))
+        n_values = (len(train_y) + len(val_y) + len(test_y)) * cfg.channels * cfg.image_size**2
+        transform = preprocess
+        if n_values * 4 <= PRECOMPUTE_MAX_BYTES:
+            train_x, val_x, test_x = (_chunked(preprocess, x) for x in (train_x, val_x, test_x))
+            transform = None
+    elif cfg.get("standardize", False):  # table rows: z-scores with the training split's statistics
+        mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-8)
+        train_x, val_x, test_x = ((x.float() - mean) / std for x in (train_x, val_x, test_x))
+    class_names = list(
+        cfg.get("class_names") or getattr(source, "classes", None) or range(num_classes or 0)
+    )
     return DataSplits(
         train=TensorDataset(train_x, train_y),
         val=TensorDataset(val_x, val_y),

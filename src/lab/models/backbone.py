@@ -8,8 +8,9 @@ Freezing: `freeze: true` freezes the whole backbone, `freeze: N` its first N blo
 torchvision model that have parameters, `nn.Sequential` containers opened up). Frozen parameters get
 `requires_grad=False` and are left out of `param_groups()`, so the optimizer never sees them; frozen blocks stay in
 eval mode during training (BatchNorm running stats and dropout untouched); a fully frozen backbone runs under
-`torch.no_grad()`. `unfreeze_at_epoch: N` trains the head alone for N epochs, then `UnfreezeBackbone` adds the
-backbone to the optimizer with lr × `backbone_lr_scale`.
+`torch.no_grad()`. `unfreeze_at_epoch: N` trains the head alone for N epochs, then the callback
+`lab.callbacks.unfreeze.UnfreezeBackbone` (added by `conf/model/backbone/base.yaml`) calls `unfreeze()`; the
+backbone's group (lr × `backbone_lr_scale`) is in the optimizer from the start.
 
 torchvision is imported inside the functions: the default digits run never loads it.
 """
@@ -196,64 +197,23 @@ class Backbone(nn.Module):
         return self
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Head, and the trainable part of the backbone with its own lr scale (see `lab.optim.build_optimizer`)."""
-        backbone = [p for p in self.features.parameters() if p.requires_grad]
+        """Head, and the backbone's parameters that train (now, or after `unfreeze_at_epoch`) with its own lr scale.
+
+        Blocks frozen for good are left out, so the optimizer never sees them; blocks to be unfrozen later are in
+        from the start and get no gradient until then (see `lab.optim.build_optimizer`).
+        """
+        later = self.unfreeze_at_epoch is not None
+        backbone = [p for p in self.features.parameters() if p.requires_grad or later]
         groups = [{"params": list(self.head.parameters()), "name": "head"}]
         if backbone:
             groups.append({"params": backbone, "name": "backbone", "lr_scale": self.backbone_lr_scale})
         return groups
 
-    def set_epoch(self, epoch: int) -> list[nn.Parameter]:
-        """Unfreeze when `epoch` (completed epochs) reaches `unfreeze_at_epoch`; returns the parameters freed."""
-        if self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch or not self.frozen:
-            return []
-        freed = [p for unit in self.frozen for p in unit.parameters()]
+    def unfreeze(self) -> int:
+        """Let the frozen blocks train (`lab.callbacks.unfreeze.UnfreezeBackbone`); returns the parameter count."""
+        freed = sum(p.numel() for unit in self.frozen for p in unit.parameters())
         for unit in self.frozen:
             unit.requires_grad_(True)
         self.frozen = []
         self.train(self.training)
-        log.info("epoch %d: backbone unfrozen (%s parameters join the optimizer)", epoch,
-                 f"{sum(p.numel() for p in freed):,}")  # fmt: skip
         return freed
-
-    def callbacks(self) -> list[Any]:
-        return [UnfreezeBackbone()] if self.unfreeze_at_epoch is not None else []
-
-
-class UnfreezeBackbone:
-    """Trainer callback: once `unfreeze_at_epoch` epochs are complete, the backbone joins the optimizer.
-
-    Its group gets the head's current lr × `backbone_lr_scale` and is added to the schedulers. It happens right
-    after validation of epoch N (before that epoch's checkpoint is written), so every checkpoint with `epoch >= N`
-    has the backbone group and none before; `lab.train.run` calls `model.set_epoch(<checkpoint epoch>)` before
-    building the optimizer, so a resumed run's optimizer has the same groups as the checkpoint it loads.
-    """
-
-    def unfreeze(self, trainer: Any) -> None:
-        freed = trainer.model.set_epoch(trainer.state.epoch)
-        if freed:
-            add_param_group(trainer.optimizer, trainer.schedulers, freed, trainer.model.backbone_lr_scale)
-
-    def on_train_epoch_start(self, trainer: Any) -> None:  # unfreeze_at_epoch=0
-        self.unfreeze(trainer)
-
-    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        self.unfreeze(trainer)
-
-
-def add_param_group(optimizer: torch.optim.Optimizer, schedulers: Any, params: list, scale: float) -> None:
-    ref = optimizer.param_groups[0]
-    group = {key: value for key, value in ref.items() if key not in ("params", "name", "lr_scale")}
-    for key, value in group.items():  # lr, initial_lr, max_lr, min_lr (OneCycleLR) ...
-        if "lr" in key and isinstance(value, float):
-            group[key] = value * scale
-    optimizer.add_param_group({**group, "params": params, "name": "backbone", "lr_scale": scale})
-    for scheduler in (schedulers.main, schedulers.warmup):
-        if scheduler is None:
-            continue
-        if hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs.append(scheduler.base_lrs[0] * scale)
-        if hasattr(scheduler, "min_lrs"):  # ReduceLROnPlateau
-            scheduler.min_lrs.append(scheduler.min_lrs[0])
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr.append(group["lr"])

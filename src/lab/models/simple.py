@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 
@@ -34,23 +37,24 @@ class SimpleCNN(nn.Module):
 
 
 class MLP(nn.Module):
+    """Flattens each input (an image or a table row) and applies `depth` hidden layers."""
+
     def __init__(
         self,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
+        input_shape: Sequence[int],
+        num_outputs: int,
         hidden: int = 256,
         depth: int = 2,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = in_channels * image_size * image_size
+        width = math.prod(int(n) for n in input_shape)
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = hidden
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_classes)
+        self.head = nn.Linear(width, num_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -1,0 +1,129 @@
+"""Running metrics of one stage: the mean loss plus the task's torchmetrics, kept on the device.
+
+`update` only keeps references to a batch's (detached) loss, outputs and targets. They are folded into the loss sum
+and the metrics in one batched update every `FOLD_EVERY` batches and whenever the values are read, so the loop adds
+no host-device synchronisation per step: `compute()` is the only one. Under DDP, torchmetrics syncs the metric states
+across ranks in `compute()` and the loss sum is all-reduced with `reduce`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lab.tasks import Task
+
+
+class Sums:
+    """The loss sum, sample count and metric states of one span (an epoch, a logging window, a split)."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.device = device
+        self.metrics = {name: copy.deepcopy(m).to(device) for name, m in task.metrics.items()}
+        for metric in self.metrics.values():
+            metric.persistent(True)  # their states are part of a mid-epoch checkpoint
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.count = 0
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def add(self, loss_sum: Tensor, count: int, outputs: Tensor, targets: Tensor) -> None:
+        self.loss += loss_sum
+        self.count += count
+        for metric in self.metrics.values():
+            metric.update(outputs, targets)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.detach().cpu(),
+            "count": self.count,
+            "metrics": {name: metric.state_dict() for name, metric in self.metrics.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self.loss = state["loss"].to(self.device)
+        self.count = int(state["count"])
+        for name, metric_state in state.get("metrics", {}).items():
+            if name in self.metrics:
+                self.metrics[name].load_state_dict(metric_state)
+
+    def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        values = torch.stack([self.loss.float(), torch.tensor(float(self.count), device=self.device)])
+        if reduce is not None:  # all-reduce across ranks under DDP
+            values = reduce(values)
+        loss, count = values.tolist()
+        result = {f"{stage}/loss": loss / max(count, 1.0)}
+        if count:
+            with warnings.catch_warnings():  # states loaded from a checkpoint count as no `update` call
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update", category=UserWarning)
+                for name, metric in self.metrics.items():
+                    result[f"{stage}/{name}"] = float(metric.compute())
+        return result
+
+
+class Metrics:
+    """`epoch` sums, and optionally `window` sums that the loop logs and resets every `log_every_n_steps`."""
+
+    FOLD_EVERY = 32
+
+    def __init__(self, task: Task, device: torch.device, window: bool = False) -> None:
+        self.task, self.device = task, device
+        self.epoch = Sums(task, device)
+        self.window = Sums(task, device) if window else None
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    @property
+    def count(self) -> int:
+        return self.epoch.count + sum(len(t) for _, _, t in self.pending)
+
+    def update(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
+        self.pending.append((loss.detach(), outputs.detach(), targets))
+        if len(self.pending) >= self.FOLD_EVERY:
+            self.fold()
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        losses, outputs, targets = zip(*self.pending, strict=True)
+        self.pending = []
+        sizes = torch.tensor([len(t) for t in targets], dtype=torch.float32).to(
+            self.device, non_blocking=True
+        )
+        loss_sum = (torch.stack(losses).float() * sizes).sum()
+        outputs, targets = torch.cat(outputs).float(), self.task.metric_targets(torch.cat(targets))
+        for sums in (self.epoch, self.window):
+            if sums is not None:
+                sums.add(loss_sum, len(targets), outputs, targets)
+
+    def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        self.fold()
+        return self.epoch.compute(stage, reduce)
+
+    def compute_window(
+        self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, float]:
+        """The window's values; the window starts again empty."""
+        self.fold()
+        values = self.window.compute(stage, reduce)
+        self.window.reset()
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        self.fold()
+        return {"epoch": self.epoch.state_dict(), "window": self.window.state_dict() if self.window else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = []
+        self.epoch.load_state_dict(state["epoch"])
+        if self.window is not None and state.get("window"):
+            self.window.load_state_dict(state["window"])
