@@ -72,7 +72,7 @@ def check_name(name: str, root: Path) -> None:
 
 def name_pattern(old: str) -> re.Pattern[str]:
     """URLs (kept as they are), the whole word `old` or `old_optuna`, and `OLD_` prefixes of variables."""
-    return re.compile(rf"[a-z][a-z0-9+.-]*://\S+|\b{old}(?=\b|_optuna\b)|\b{old.upper()}(?=_[A-Z0-9])")
+    return re.compile(rf"[a-z][a-z0-9+.-]*://\S+|\b{old}(?=\b|_optuna\b)|\b{old.upper()}(?=_)")
 
 
 def rename_text(text: str, old: str, new: str) -> str:
