@@ -80,7 +80,7 @@ def rename_text(text: str, old: str, new: str) -> str:
         word = match.group()
         if "://" in word:
             return word
-        return new.upper() if word == old.upper() and word != old else new
+        return new.upper() if word.isupper() else new
 
     return name_pattern(old).sub(swap, text)
 
