@@ -7,9 +7,11 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 SWEEP ?= grid
 ARGS ?=
 NPROC ?= 2
+NAME ?=
+FORCE ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-ddp test lint format tensorboard sweep bench clean
+.PHONY: help install train train-ddp test lint format tensorboard sweep bench rename clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +50,10 @@ tensorboard: install ## serve TensorBoard on outputs/
 
 sweep: install ## hyper-parameter sweep: SWEEP=grid|optuna (conf/sweep/), ARGS="hydra/launcher=parallel ..."
 	$(BIN)/python train.py -m sweep=$(SWEEP) $(ARGS)
+
+rename: install ## rename the project and its package: NAME=<package> [FORCE=1] (docs/rename.md)
+	$(BIN)/python scripts/rename.py $(NAME) $(if $(FORCE),--force)
+	touch $(VENV)/.installed
 
 clean: ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info
