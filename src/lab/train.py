@@ -133,6 +133,7 @@ def run(cfg: DictConfig) -> float:
     from lab.models import build_model
     from lab.monitor import build_monitor
     from lab.optim import build_optimizer, build_schedulers
+    from lab.optuna_trial import trial_callback
     from lab.redact import install_log_filter, redact, scrub_hydra_dir
     from lab.runtime import check_launch_env, check_writable, resolve_device, run_info, seed_everything
     from lab.trainer import Trainer
@@ -200,9 +201,11 @@ def run(cfg: DictConfig) -> float:
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
     if not main_rank:
         cfg.trainer.progress_bar = False
+    trial = trial_callback(cfg)  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
     callbacks = [
         *getattr(model, "callbacks", list)(),
         *build_monitor(cfg.get("monitor"), cfg.dataset, splits.class_names),
+        *([trial] if trial else []),
     ]
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
         forward_model = ddp.wrap(forward_model or model)
@@ -250,6 +253,7 @@ def run(cfg: DictConfig) -> float:
             "epochs": trainer.state.epoch,
             "global_step": trainer.state.global_step,
             "status": "success",
+            **(trial.outcome() if trial else {}),  # status: pruned
         }
         if main_rank:
             write_json(output_dir / "metrics.json", summary_metrics)

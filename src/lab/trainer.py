@@ -176,6 +176,7 @@ class Trainer:
         self.monitor, self.mode = checkpointer.monitor, checkpointer.mode
         self.state = TrainState()
         self.stop_signal: int | None = None
+        self.should_stop = False  # a callback sets it to end training after this epoch (e.g. an Optuna prune)
         self.nan_policy = str(cfg.get("nan_policy", "stop"))
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
         # Running sums of the epoch in progress; saved in mid-epoch checkpoints so a resumed epoch reports the
@@ -327,6 +328,8 @@ class Trainer:
                     self.save_interrupted()
                 if patience and state.bad_epochs >= patience:
                     log.info("early stopping: %s has not improved for %d epochs", self.monitor, patience)
+                    break
+                if self.should_stop:  # asked by a callback: a normal end, checkpoints written
                     break
         self.checkpointer.wait()  # the last checkpoint is on disk before anything reads it
         self.callback("on_fit_end")
