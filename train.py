@@ -1,6 +1,7 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]`; `-m` runs a sweep. See README.md."""
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,7 +21,8 @@ if __name__ == "__main__":
 
     load_env()  # `.env` (git-ignored) → environment, before Hydra composes the config
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
-        from lab.distributed import agree_on_run
+        from lab.distributed import agree_on_run, refuse_multirun
 
+        refuse_multirun(sys.argv[1:])
         agree_on_run()
     main()

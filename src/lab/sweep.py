@@ -187,8 +187,8 @@ class SweepSummary(Callback):
     """Updates the summary after each job; at the end prints the best job and exits 1 when no job succeeded."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return  # a single run
+        if config.hydra.mode != RunMode.MULTIRUN or os.environ.get("RANK", "0") != "0":
+            return  # a single run, or a rank > 0 of a torchrun job
         try:
             write_summary(Path(config.hydra.sweep.dir))
         except Exception as e:  # a summary so far is a convenience: never fail the job over it
