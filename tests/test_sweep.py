@@ -1,5 +1,6 @@
-"""Sweeps through the real CLI (`python train.py -m ...`): job dirs, the summary, failures, a resumable Optuna study
-in SQLite, and the launcher configs (composed; SLURM itself cannot run here)."""
+"""Sweeps through the real CLI (`python train.py -m ...`): job dirs, the summary, failures, lab's Optuna sweeper
+(resumable study in SQLite or a journal file, pruning, multi-objective, grid), the parallel and torchrun
+launchers, and the launcher configs (composed; SLURM itself cannot run here)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,99 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
 def optuna_trials(sweep_dir: Path) -> list[tuple[int, str]]:
     with sqlite3.connect(sweep_dir / "optuna.db") as db:
         return db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+
+
+def journal_study(sweep_dir: Path, name: str):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# Three short epochs, so that a trial can be pruned after the first or second; the median pruner compares a
+# trial with the finished ones from the second trial on.
+PRUNED_JOB = [
+    "sweep=optuna",
+    "logger=none",
+    "trainer.max_epochs=3",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+]
+
+
+def check_pruned_jobs(sweep_dir: Path, states: dict[int, str]) -> None:
+    """A PRUNED trial's job stopped early but normally: metrics.json says pruned, last.pt is there."""
+    rows = {int(r["job"]): r for r in read_csv(sweep_dir)}
+    assert {num: row["trial_state"] for num, row in rows.items()} == states
+    for num, state in states.items():
+        metrics = metrics_of(rows[num])
+        if state == "PRUNED":
+            assert metrics["status"] == "pruned" == rows[num]["status"]
+            assert metrics["epochs"] == metrics["pruned_epoch"] == int(rows[num]["pruned_epoch"]) < 3
+            assert (sweep_dir / str(num) / "checkpoints" / "last.pt").is_file()
+            assert metrics["test/acc"] >= 0  # the final evaluation ran
+        else:
+            assert (metrics["status"], metrics["epochs"], rows[num]["pruned_epoch"]) == ("success", 3, "")
+
+
+def test_optuna_median_pruner_prunes_bad_trials(tmp_path: Path) -> None:
+    proc = multirun(tmp_path, *PRUNED_JOB, "hydra.sweeper.n_trials=5")
+    trials = dict(optuna_trials(tmp_path))
+    assert len(trials) == 5 and trials[0] == "COMPLETE" and "PRUNED" in trials.values(), trials
+    assert set(trials.values()) <= {"COMPLETE", "PRUNED"}
+    check_pruned_jobs(tmp_path, trials)
+    assert "pruned" in (tmp_path / "summary.md").read_text()
+    # The best job as a ready command line, without the sweep preset.
+    best = read_csv(tmp_path)[0]
+    line = next(x for x in proc.stdout.splitlines() if "run it again:" in x)
+    assert line.split("run it again: ")[1].startswith("python train.py optimizer=")
+    assert (
+        "sweep=optuna" not in line
+        and f"optimizer.lr={best['overrides'].split('optimizer.lr=')[1].split()[0]}" in line
+    )
+
+
+def test_optuna_parallel_journal_study_prunes_and_resumes(tmp_path: Path) -> None:
+    # Two jobs at a time in their own processes, reporting to one journal-file study.
+    args = [*PRUNED_JOB, "hydra/launcher=parallel", "hydra/sweeper/storage=journal", "hydra.sweeper.n_jobs=2",
+            "task_name=journal"]  # fmt: skip
+    multirun(tmp_path, *args, "hydra.sweeper.n_trials=4")
+    assert not (tmp_path / "optuna.db").exists()
+    study = journal_study(tmp_path, "journal")
+    states = {t.number: t.state.name for t in study.trials}
+    assert sorted(states) == [0, 1, 2, 3] and set(states.values()) <= {"COMPLETE", "PRUNED"}
+    for trial in study.trials:  # every job reported its val/acc after each epoch it trained
+        history = json.loads((tmp_path / str(trial.number) / "metrics.json").read_text())
+        assert sorted(trial.intermediate_values) == list(range(1, history["epochs"] + 1))
+    if "PRUNED" in states.values():
+        check_pruned_jobs(tmp_path, states)
+
+    # Resume: the study grows to 6 finished trials, new job dirs after the old ones.
+    multirun(tmp_path, *args, "hydra.sweeper.n_trials=6")
+    study = journal_study(tmp_path, "journal")
+    assert [t.number for t in study.trials] == list(range(6))
+    assert all(t.state.is_finished() for t in study.trials)
+    assert sorted(int(r["job"]) for r in read_csv(tmp_path)) == list(range(6))
+    check_pruned_jobs(tmp_path, {t.number: t.state.name for t in study.trials})
+
+
+def test_optuna_multi_objective_and_grid_sampler(tmp_path: Path) -> None:
+    # Two objectives read from each job's metrics.json; the grid sampler's 2 x 2 grid caps n_trials at 4.
+    multirun(tmp_path, "sweep=optuna", "logger=none", "checkpoint=none", "task_name=mo",
+             "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=none", "~hydra.sweeper.params",
+             "optimizer.lr=choice(1e-3,1e-2)", "dataset.batch_size=range(32,97,64)",
+             "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.objectives=[val/acc,val/loss]")  # fmt: skip
+    import optuna
+
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert len(study.trials) == 4
+    assert sorted((t.params["optimizer.lr"], t.params["dataset.batch_size"]) for t in study.trials) == [
+        (1e-3, 32), (1e-3, 96), (1e-2, 32), (1e-2, 96)]  # fmt: skip
+    for trial in study.trials:
+        metrics = json.loads((tmp_path / str(trial.number) / "metrics.json").read_text())
+        assert trial.values == [metrics["val/acc"], metrics["val/loss"]]
+    assert "solutions" in OmegaConf.load(tmp_path / "optimization_results.yaml")
 
 
 def test_optuna_study_in_sqlite_resumes(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ Config: `conf/hydra/sweeper/lab_optuna.yaml` and its `sampler/`, `pruner/`, `sto
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -96,11 +97,11 @@ class LabOptunaSweeper(Sweeper):
         storage: Any,
         study_name: str,
         direction: str | Sequence[str],
-        objectives: Sequence[str] | None,
-        n_trials: int,
-        n_jobs: int,
-        max_failure_rate: float,
-        params: DictConfig | None,
+        objectives: Sequence[str] | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        max_failure_rate: float = 0.0,
+        params: DictConfig | None = None,
     ) -> None:
         self.sampler_cfg, self.pruner_cfg, self.storage_cfg = sampler, pruner, storage
         self.study_name = study_name
@@ -229,22 +230,23 @@ class LabOptunaSweeper(Sweeper):
     def _tell(self, study: Any, trial: Any, ret: JobReturn) -> None:
         from optuna.trial import TrialState
 
+        tell = functools.partial(tell_study, study, trial)
         if ret.status == JobStatus.FAILED:
             log.warning("trial %d failed: the job raised %r", trial.number, ret._return_value)
-            study.tell(trial, state=TrialState.FAIL)
+            tell(state=TrialState.FAIL)
             return
         metrics = job_metrics(ret)
         if metrics.get("status") == "pruned":
             log.info("trial %d pruned after epoch %s", trial.number, metrics.get("epochs"))
-            study.tell(trial, state=TrialState.PRUNED)
+            tell(state=TrialState.PRUNED)
             return
         values = [metrics.get(key) for key in self.objectives] if self.objectives else [ret.return_value]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             log.warning("trial %d failed: the job returned %s (see its metrics.json and train.log)",
                         trial.number, values)  # fmt: skip
-            study.tell(trial, state=TrialState.FAIL)
+            tell(state=TrialState.FAIL)
             return
-        study.tell(trial, values=[float(v) for v in values])
+        tell(values=[float(v) for v in values])
 
     def _write_results(self, study: Any) -> None:
         """`optimization_results.yaml` in the sweep dir: the best trial(s), as hydra-optuna-sweeper wrote it."""
@@ -262,6 +264,16 @@ class LabOptunaSweeper(Sweeper):
         path = Path(self.config.hydra.sweep.dir) / "optimization_results.yaml"
         OmegaConf.save(OmegaConf.create(results), path)
         log.info("best trial(s): %s", path)
+
+
+def tell_study(study: Any, trial: Any, **kwargs: Any) -> None:
+    """`study.tell`; the grid sampler's `study.stop()` when the grid is done only works inside `optimize()`, and
+    its RuntimeError comes after the trial's state is stored: ignore it (the loop ends by n_trials)."""
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
 
 
 def job_metrics(ret: JobReturn) -> dict[str, Any]:
