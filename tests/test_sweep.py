@@ -266,13 +266,28 @@ def test_sweep_presets_compose() -> None:
     grid = compose_hydra("sweep=grid").hydra.sweeper
     assert grid.params["optimizer.lr"] == "3e-4,1e-3,3e-3"
     optuna = compose_hydra("sweep=optuna").hydra.sweeper
+    assert optuna._target_ == "hydra_plugins.lab_optuna.LabOptunaSweeper"
     assert optuna.direction == "maximize" and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
     assert optuna.sampler._target_ == "optuna.samplers.TPESampler"
+    assert optuna.pruner._target_ == "optuna.pruners.MedianPruner"
+    other = compose_hydra("sweep=optuna", "hydra/sweeper/sampler=cmaes", "hydra/sweeper/pruner=hyperband",
+                          "hydra/sweeper/storage=journal", "trainer.max_epochs=27").hydra.sweeper  # fmt: skip
+    assert instantiate(other.pruner)._max_resource == 27
+    assert type(instantiate(other.sampler)).__name__ == "CmaEsSampler"  # the cmaes package is installed
+    assert other.storage.log_storage.file_path == "/tmp/sweep/optuna.journal"
+    assert compose_hydra("sweep=optuna", "hydra/sweeper/pruner=none").hydra.sweeper.pruner is None
     assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "dataset.batch_size",
                                   "model.dropout"}  # fmt: skip
     minimize = compose_hydra("sweep=optuna", "checkpoint.monitor=val/loss", "checkpoint.mode=min")
     assert minimize.hydra.sweeper.direction == "minimize"
     assert compose_hydra("sweep=grid").hydra.callbacks.sweep_summary._target_ == "lab.sweep.SweepSummary"
+
+
+def test_torchrun_launcher_composes() -> None:
+    launcher = instantiate(
+        compose_hydra("hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=4").hydra.launcher
+    )
+    assert type(launcher).__name__ == "TorchrunLauncher" and launcher.nproc_per_node == 4
 
 
 def test_parallel_launcher_composes() -> None:
@@ -303,3 +318,56 @@ def test_slurm_launcher_composes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for line in ("--partition=gpu", "--gpus-per-node=4", "--time=240", "--cpus-per-task=16", "--mem=32GB"):
         assert f"#SBATCH {line}\n" in script
     assert OmegaConf.select(cfg, "hydra.launcher.submitit_folder") == "/tmp/sweep/.submitit/%j"
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_runs_each_job_as_a_process_group(tmp_path: Path) -> None:
+    from conftest import compose_config
+
+    from lab.data import build_data
+
+    # 2 Optuna trials, each one job of 2 gloo processes; one full epoch, so the step count shows the data split.
+    proc = multirun(tmp_path, "sweep=optuna", "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=2",
+                    "model=mlp", "logger=none", "hydra.sweeper.n_trials=2", "dataset.batch_size=64",
+                    "trainer.limit_train_batches=null")  # fmt: skip
+    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        "0",
+        "1",
+    ]
+    train_size = len(build_data(compose_config(["dataset=digits"]).dataset).train)
+    for job in ("0", "1"):
+        metrics = json.loads((tmp_path / job / "metrics.json").read_text())
+        assert metrics["status"] == "success" and metrics["trial"] == int(job)
+        assert metrics["global_step"] == -(-train_size // 2 // 64)  # each rank trains on half of the data
+        assert (tmp_path / job / "train.log").read_text().count("epoch 1/1") == 1  # rank 0 logs
+    assert "best: job" in proc.stdout
+
+
+def test_multirun_under_torchrun_fails_at_once(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), "-m", "optimizer.lr=0.005,0.01"]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert lines == [
+        "error: a sweep (-m) under torchrun runs one sweeper per process (torchrun ... train.py -m): run the sweep "
+        "without torchrun and give each job its own torchrun group: python train.py -m hydra/launcher=torchrun "
+        "hydra.launcher.nproc_per_node=N ..."
+    ]
+
+
+def test_optuna_config_errors_are_one_line(tmp_path: Path) -> None:
+    # Refused by the sweeper before any job runs: an interval on a grid, a pruner on two objectives.
+    proc = multirun(tmp_path / "a", "sweep=optuna", "hydra/sweeper/sampler=grid", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "error: the grid sampler cannot sweep the interval of optimizer.lr (hydra.sweeper.params)"
+        in proc.stderr
+    )
+    proc = multirun(tmp_path / "b", "sweep=optuna", "hydra.sweeper.direction=[maximize,minimize]",
+                    "hydra.sweeper.objectives=[val/acc,val/loss]", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: Optuna prunes single-objective studies only (hydra.sweeper.pruner)" in proc.stderr
+    assert not list(tmp_path.glob("*/0"))  # no job started
