@@ -11,7 +11,7 @@ NAME ?=
 FORCE ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-ddp test lint format tensorboard sweep bench rename clean
+.PHONY: help install train train-ddp test lint format tensorboard sweep optuna-dashboard bench rename clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,12 @@ sweep: install ## hyper-parameter sweep: SWEEP=grid|optuna (conf/sweep/), ARGS="
 rename: install ## rename the project and its package: NAME=<package> [FORCE=1] (docs/rename.md)
 	$(BIN)/python scripts/rename.py $(NAME) $(if $(FORCE),--force)
 	touch $(VENV)/.installed
+
+# The newest sweep dir holding an Optuna study, unless SWEEP_DIR=<sweep dir> is given.
+SWEEP_DIR ?= $(shell ls -td outputs/*/multiruns/*/optuna.db outputs/*/multiruns/*/optuna.journal 2>/dev/null | head -n1 | xargs -r dirname)
+optuna-dashboard: install ## optuna-dashboard on a sweep's study (SWEEP_DIR=<sweep dir>; default: the newest)
+	@test -n "$(SWEEP_DIR)" || { echo "error: no Optuna study under outputs/*/multiruns/ (SWEEP_DIR): run make sweep SWEEP=optuna first" >&2; exit 2; }
+	$(BIN)/optuna-dashboard $(if $(wildcard $(SWEEP_DIR)/optuna.db),sqlite:///$(SWEEP_DIR)/optuna.db,$(SWEEP_DIR)/optuna.journal) $(ARGS)
 
 clean: ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info

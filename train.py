@@ -27,7 +27,8 @@ if __name__ == "__main__":
     except UserError as e:
         e.exit()
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
-        from lab.distributed import agree_on_run
+        from lab.distributed import agree_on_run, refuse_multirun
 
+        refuse_multirun(sys.argv[1:])
         agree_on_run()
     main()

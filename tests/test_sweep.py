@@ -1,5 +1,6 @@
-"""Sweeps through the real CLI (`python train.py -m ...`): job dirs, the summary, failures, a resumable Optuna study
-in SQLite, and the launcher configs (composed; SLURM itself cannot run here)."""
+"""Sweeps through the real CLI (`python train.py -m ...`): job dirs, the summary, failures, lab's Optuna sweeper
+(resumable study in SQLite or a journal file, pruning, multi-objective, grid), the parallel and torchrun
+launchers, and the launcher configs (composed; SLURM itself cannot run here)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,99 @@ def optuna_trials(sweep_dir: Path) -> list[tuple[int, str]]:
         return db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
 
 
+def journal_study(sweep_dir: Path, name: str):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# Three short epochs, so that a trial can be pruned after the first or second; the median pruner compares a
+# trial with the finished ones from the second trial on.
+PRUNED_JOB = [
+    "sweep=optuna",
+    "logger=none",
+    "trainer.max_epochs=3",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+]
+
+
+def check_pruned_jobs(sweep_dir: Path, states: dict[int, str]) -> None:
+    """A PRUNED trial's job stopped early but normally: metrics.json says pruned, last.pt is there."""
+    rows = {int(r["job"]): r for r in read_csv(sweep_dir)}
+    assert {num: row["trial_state"] for num, row in rows.items()} == states
+    for num, state in states.items():
+        metrics = metrics_of(rows[num])
+        if state == "PRUNED":
+            assert metrics["status"] == "pruned" == rows[num]["status"]
+            assert metrics["epochs"] == metrics["pruned_epoch"] == int(rows[num]["pruned_epoch"]) < 3
+            assert (sweep_dir / str(num) / "checkpoints" / "last.pt").is_file()
+            assert metrics["test/acc"] >= 0  # the final evaluation ran
+        else:
+            assert (metrics["status"], metrics["epochs"], rows[num]["pruned_epoch"]) == ("success", 3, "")
+
+
+def test_optuna_median_pruner_prunes_bad_trials(tmp_path: Path) -> None:
+    proc = multirun(tmp_path, *PRUNED_JOB, "hydra.sweeper.n_trials=5")
+    trials = dict(optuna_trials(tmp_path))
+    assert len(trials) == 5 and trials[0] == "COMPLETE" and "PRUNED" in trials.values(), trials
+    assert set(trials.values()) <= {"COMPLETE", "PRUNED"}
+    check_pruned_jobs(tmp_path, trials)
+    assert "pruned" in (tmp_path / "summary.md").read_text()
+    # The best job as a ready command line, without the sweep preset.
+    best = read_csv(tmp_path)[0]
+    line = next(x for x in proc.stdout.splitlines() if "run it again:" in x)
+    assert line.split("run it again: ")[1].startswith("python train.py optimizer=")
+    assert (
+        "sweep=optuna" not in line
+        and f"optimizer.lr={best['overrides'].split('optimizer.lr=')[1].split()[0]}" in line
+    )
+
+
+def test_optuna_parallel_journal_study_prunes_and_resumes(tmp_path: Path) -> None:
+    # Two jobs at a time in their own processes, reporting to one journal-file study.
+    args = [*PRUNED_JOB, "hydra/launcher=parallel", "hydra/sweeper/storage=journal", "hydra.sweeper.n_jobs=2",
+            "task_name=journal"]  # fmt: skip
+    multirun(tmp_path, *args, "hydra.sweeper.n_trials=4")
+    assert not (tmp_path / "optuna.db").exists()
+    study = journal_study(tmp_path, "journal")
+    states = {t.number: t.state.name for t in study.trials}
+    assert sorted(states) == [0, 1, 2, 3] and set(states.values()) <= {"COMPLETE", "PRUNED"}
+    for trial in study.trials:  # every job reported its val/acc after each epoch it trained
+        history = json.loads((tmp_path / str(trial.number) / "metrics.json").read_text())
+        assert sorted(trial.intermediate_values) == list(range(1, history["epochs"] + 1))
+    if "PRUNED" in states.values():
+        check_pruned_jobs(tmp_path, states)
+
+    # Resume: the study grows to 6 finished trials, new job dirs after the old ones.
+    multirun(tmp_path, *args, "hydra.sweeper.n_trials=6")
+    study = journal_study(tmp_path, "journal")
+    assert [t.number for t in study.trials] == list(range(6))
+    assert all(t.state.is_finished() for t in study.trials)
+    assert sorted(int(r["job"]) for r in read_csv(tmp_path)) == list(range(6))
+    check_pruned_jobs(tmp_path, {t.number: t.state.name for t in study.trials})
+
+
+def test_optuna_multi_objective_and_grid_sampler(tmp_path: Path) -> None:
+    # Two objectives read from each job's metrics.json; the grid sampler's 2 x 2 grid caps n_trials at 4.
+    multirun(tmp_path, "sweep=optuna", "logger=none", "checkpoint=none", "task_name=mo",
+             "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=none", "~hydra.sweeper.params",
+             "optimizer.lr=choice(1e-3,1e-2)", "dataset.batch_size=range(32,97,64)",
+             "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.objectives=[val/acc,val/loss]")  # fmt: skip
+    import optuna
+
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert len(study.trials) == 4
+    assert sorted((t.params["optimizer.lr"], t.params["dataset.batch_size"]) for t in study.trials) == [
+        (1e-3, 32), (1e-3, 96), (1e-2, 32), (1e-2, 96)]  # fmt: skip
+    for trial in study.trials:
+        metrics = json.loads((tmp_path / str(trial.number) / "metrics.json").read_text())
+        assert trial.values == [metrics["val/acc"], metrics["val/loss"]]
+    assert "solutions" in OmegaConf.load(tmp_path / "optimization_results.yaml")
+
+
 def test_optuna_study_in_sqlite_resumes(tmp_path: Path) -> None:
     import optuna
 
@@ -172,13 +266,28 @@ def test_sweep_presets_compose() -> None:
     grid = compose_hydra("sweep=grid").hydra.sweeper
     assert grid.params["optimizer.lr"] == "3e-4,1e-3,3e-3"
     optuna = compose_hydra("sweep=optuna").hydra.sweeper
+    assert optuna._target_ == "hydra_plugins.lab_optuna.LabOptunaSweeper"
     assert optuna.direction == "maximize" and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
     assert optuna.sampler._target_ == "optuna.samplers.TPESampler"
+    assert optuna.pruner._target_ == "optuna.pruners.MedianPruner"
+    other = compose_hydra("sweep=optuna", "hydra/sweeper/sampler=cmaes", "hydra/sweeper/pruner=hyperband",
+                          "hydra/sweeper/storage=journal", "trainer.max_epochs=27").hydra.sweeper  # fmt: skip
+    assert instantiate(other.pruner)._max_resource == 27
+    assert type(instantiate(other.sampler)).__name__ == "CmaEsSampler"  # the cmaes package is installed
+    assert other.storage.log_storage.file_path == "/tmp/sweep/optuna.journal"
+    assert compose_hydra("sweep=optuna", "hydra/sweeper/pruner=none").hydra.sweeper.pruner is None
     assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "dataset.batch_size",
                                   "model.dropout"}  # fmt: skip
     minimize = compose_hydra("sweep=optuna", "checkpoint.monitor=val/loss", "checkpoint.mode=min")
     assert minimize.hydra.sweeper.direction == "minimize"
     assert compose_hydra("sweep=grid").hydra.callbacks.sweep_summary._target_ == "lab.sweep.SweepSummary"
+
+
+def test_torchrun_launcher_composes() -> None:
+    launcher = instantiate(
+        compose_hydra("hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=4").hydra.launcher
+    )
+    assert type(launcher).__name__ == "TorchrunLauncher" and launcher.nproc_per_node == 4
 
 
 def test_parallel_launcher_composes() -> None:
@@ -209,3 +318,56 @@ def test_slurm_launcher_composes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for line in ("--partition=gpu", "--gpus-per-node=4", "--time=240", "--cpus-per-task=16", "--mem=32GB"):
         assert f"#SBATCH {line}\n" in script
     assert OmegaConf.select(cfg, "hydra.launcher.submitit_folder") == "/tmp/sweep/.submitit/%j"
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_runs_each_job_as_a_process_group(tmp_path: Path) -> None:
+    from conftest import compose_config
+
+    from lab.data import build_data
+
+    # 2 Optuna trials, each one job of 2 gloo processes; one full epoch, so the step count shows the data split.
+    proc = multirun(tmp_path, "sweep=optuna", "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=2",
+                    "model=mlp", "logger=none", "hydra.sweeper.n_trials=2", "dataset.batch_size=64",
+                    "trainer.limit_train_batches=null")  # fmt: skip
+    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        "0",
+        "1",
+    ]
+    train_size = len(build_data(compose_config(["dataset=digits"]).dataset).train)
+    for job in ("0", "1"):
+        metrics = json.loads((tmp_path / job / "metrics.json").read_text())
+        assert metrics["status"] == "success" and metrics["trial"] == int(job)
+        assert metrics["global_step"] == -(-train_size // 2 // 64)  # each rank trains on half of the data
+        assert (tmp_path / job / "train.log").read_text().count("epoch 1/1") == 1  # rank 0 logs
+    assert "best: job" in proc.stdout
+
+
+def test_multirun_under_torchrun_fails_at_once(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), "-m", "optimizer.lr=0.005,0.01"]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert lines == [
+        "error: a sweep (-m) under torchrun runs one sweeper per process (torchrun ... train.py -m): run the sweep "
+        "without torchrun and give each job its own torchrun group: python train.py -m hydra/launcher=torchrun "
+        "hydra.launcher.nproc_per_node=N ..."
+    ]
+
+
+def test_optuna_config_errors_are_one_line(tmp_path: Path) -> None:
+    # Refused by the sweeper before any job runs: an interval on a grid, a pruner on two objectives.
+    proc = multirun(tmp_path / "a", "sweep=optuna", "hydra/sweeper/sampler=grid", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "error: the grid sampler cannot sweep the interval of optimizer.lr (hydra.sweeper.params)"
+        in proc.stderr
+    )
+    proc = multirun(tmp_path / "b", "sweep=optuna", "hydra.sweeper.direction=[maximize,minimize]",
+                    "hydra.sweeper.objectives=[val/acc,val/loss]", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: Optuna prunes single-objective studies only (hydra.sweeper.pruner)" in proc.stderr
+    assert not list(tmp_path.glob("*/0"))  # no job started

@@ -1,105 +1,287 @@
-"""The Optuna sweeper of hydra-optuna-sweeper, made resumable. Selected by `conf/sweep/optuna.yaml`.
+"""lab's Optuna sweeper: Hydra's sweeper interface on Optuna's ask/tell API. Selected by `conf/sweep/optuna.yaml`.
 
 Hydra only instantiates sweepers that live in the `hydra_plugins` namespace package, hence this module's place.
-Upstream, every run of the sweeper numbers its jobs from 0 and runs `n_trials` more trials, so re-running an
-interrupted study in its sweep dir would write new trials into the old trials' job dirs. Here:
-- job N is Optuna trial N, so a resumed study adds job dirs after the existing ones;
-- `n_trials` is the number of finished (complete or failed) trials the study should hold, so re-running an
-  interrupted study finishes it and re-running a finished one does nothing;
-- trials left RUNNING by an interrupted sweep are marked FAIL (their job dirs show as incomplete);
-- the sampler is reseeded on resume: with its configured seed it would propose the study's first trials again;
-- a job that returns NaN (lab.train: failed or diverged) becomes a FAIL trial and the sweep goes on; upstream
-  tells Optuna the NaN, whose rejection then escapes as a ValueError and stops the whole sweep;
-- a SQLite storage's folder is created first (SQLite does not create folders);
-- a study whose trials all failed ends with a warning instead of Optuna's "no trials are completed" error, so the
-  sweep summary is still written.
+Config: `conf/hydra/sweeper/lab_optuna.yaml` and its `sampler/`, `pruner/`, `storage/` groups. Behaviour:
+- the search space is Hydra's override syntax (`choice`, `range`, `interval`, `tag(log, interval(...))`) from
+  `params` and the command line; a plain value on the command line fixes a parameter;
+- job N is Optuna trial N: each job finds its trial through its own Hydra config (`hydra.job.num` and
+  `hydra.sweeper`), reports to it after every validation and stops when the pruner says so (lab.optuna_trial);
+- `n_trials` counts the finished trials of the whole study, so re-running in the same sweep dir resumes it; trials
+  left RUNNING by an interrupted sweep become FAIL and the sampler is reseeded (its seed would repeat old trials);
+- a job that failed, diverged (it returns NaN) or crashed is a FAIL trial; only crashes count against
+  `max_failure_rate`; a job whose metrics.json says `pruned` is a PRUNED trial;
+- `objectives` (metrics.json keys, one per `direction`) makes a multi-objective study; by default the objective
+  is what the job returns: the best value of `checkpoint.monitor`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
-
-# Hydra imports every hydra_plugins module at start: without the `sweep` extra, stay quiet and register nothing.
-try:
-    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-except ImportError:
-    OptunaSweeper = object  # type: ignore[assignment,misc]
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 
-class ResumableOptunaSweeper(OptunaSweeper):
+def distribution(override: Override) -> Any:
+    """The Optuna distribution of a sweep override (`choice`, `range`, `interval`, `tag(log, interval)`)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    value = override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():  # Python's range: the stop value is excluded
+        values = list(override.sweep_iterator())
+        if all(isinstance(v, int) for v in values):
+            return IntDistribution(values[0], values[-1], step=int(value.step))
+        return FloatDistribution(values[0], values[-1], step=value.step)
+    if override.is_interval_sweep():
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{override.input_line}: Optuna needs choice(), range() or interval()")
+
+
+def search_space(arguments: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`params` + command line → (distributions, fixed values); a later override of a key replaces an earlier one."""
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        space.pop(key, None)
+        fixed.pop(key, None)
+        if override.is_sweep_override():
+            space[key] = distribution(override)
+        else:
+            fixed[key] = override.get_value_element_as_str()
+    return space, fixed
+
+
+def grid(space: dict[str, Any]) -> dict[str, list[Any]]:
+    """GridSampler's search space: every distribution must be discrete."""
+    from optuna.distributions import CategoricalDistribution
+
+    choices = {}
+    for name, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            choices[name] = list(dist.choices)
+        elif getattr(dist, "step", None) is not None:
+            count = round((dist.high - dist.low) / dist.step) + 1
+            choices[name] = [dist.low + i * dist.step for i in range(count)]
+        else:
+            from lab.errors import UserError
+
+            raise UserError(f"the grid sampler cannot sweep the interval of {name}", "hydra.sweeper.params",
+                            "use choice(...) or range(...) for it, or another sampler")  # fmt: skip
+    return choices
+
+
+class LabOptunaSweeper(Sweeper):
+    def __init__(
+        self,
+        sampler: DictConfig,
+        pruner: DictConfig | None,
+        storage: Any,
+        study_name: str,
+        direction: str | Sequence[str],
+        objectives: Sequence[str] | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        max_failure_rate: float = 0.0,
+        params: DictConfig | None = None,
+    ) -> None:
+        self.sampler_cfg, self.pruner_cfg, self.storage_cfg = sampler, pruner, storage
+        self.study_name = study_name
+        self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [str(direction)]
+        self.objectives = list(objectives) if objectives else None
+        self.n_trials, self.n_jobs, self.max_failure_rate = (
+            int(n_trials),
+            int(n_jobs),
+            float(max_failure_rate),
+        )
+        self.params = params
+
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.sweeper.launcher = NanAsFailure(self.sweeper.launcher)
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     def sweep(self, arguments: list[str]) -> Any:
-        impl = self.sweeper  # upstream OptunaSweeperImpl
-        if isinstance(impl.storage, str) and impl.storage.startswith("sqlite:///"):
-            Path(impl.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        study = self._existing_study()
-        if study is not None:
-            self._resume(study)
-        try:
-            return super().sweep(arguments)
-        except ValueError:
-            study = self._existing_study()
-            if study is None or any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
-                raise
-            log.warning("no trial of study %r completed (see the sweep summary)", impl.study_name)
-            return None
+        from lab.errors import UserError
 
-    def _existing_study(self) -> Any:
-        """The study in the storage, or None (new study, in-memory storage or no study name)."""
+        try:
+            study, space, fixed = self._prepare(arguments)
+        except UserError as e:
+            e.exit()
+        return self._run(study, space, fixed)
+
+    # ---------------------------------------------------------------- set-up
+    def _check(self) -> None:
+        from lab.errors import UserError
+
+        if any(d not in ("maximize", "minimize") for d in self.directions):
+            raise UserError(f"must be maximize or minimize, got {self.directions}", "hydra.sweeper.direction",
+                            "set checkpoint.mode=max|min, or direction=[maximize,minimize]")  # fmt: skip
+        if len(self.directions) > 1 and len(self.objectives or []) != len(self.directions):
+            raise UserError(f"{len(self.directions)} directions need as many objectives",
+                            "hydra.sweeper.objectives", "list metrics.json keys, e.g. [val/acc,val/loss]")  # fmt: skip
+        if self.objectives and len(self.objectives) != len(self.directions):
+            raise UserError(f"{len(self.objectives)} objectives but {len(self.directions)} directions",
+                            "hydra.sweeper.direction", "give one direction per objective")  # fmt: skip
+        if len(self.directions) > 1 and self.pruner_cfg:
+            raise UserError("Optuna prunes single-objective studies only", "hydra.sweeper.pruner",
+                            "use hydra/sweeper/pruner=none with several objectives")  # fmt: skip
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise UserError(
+                f"must be in [0, 1], got {self.max_failure_rate}", "hydra.sweeper.max_failure_rate"
+            )
+
+    def _prepare(self, arguments: list[str]) -> tuple[Any, dict[str, Any], dict[str, str]]:
         import optuna
+        from hydra.utils import instantiate
 
-        impl = self.sweeper
-        if impl.storage is None or impl.study_name is None:
-            return None
+        from lab.errors import UserError
+        from lab.optuna_trial import build_pruner, open_storage
+
+        self._check()
+        params = [f"{k}={v}" for k, v in (self.params or {}).items()]
         try:
-            return optuna.load_study(study_name=impl.study_name, storage=impl.storage)
-        except KeyError:
-            return None
+            space, fixed = search_space([*params, *arguments])
+        except ValueError as e:
+            raise UserError(str(e), "hydra.sweeper.params", "e.g. 'optimizer.lr=tag(log, interval(1e-4, 1e-2))'") from None  # fmt: skip
+        sampler_kwargs: dict[str, Any] = {}
+        if str(self.sampler_cfg.get("_target_", "")).endswith("GridSampler"):
+            sampler_kwargs["search_space"] = grid(space)
+            size = math.prod(len(v) for v in sampler_kwargs["search_space"].values())
+            if size < self.n_trials:
+                log.info("the grid has %d points: n_trials %d → %d", size, self.n_trials, size)
+                self.n_trials = size
+        try:
+            sampler = instantiate(self.sampler_cfg, **sampler_kwargs)
+        except Exception as e:  # e.g. CmaEsSampler without the cmaes package
+            cause = e.__cause__ or e
+            raise UserError(f"sampler {self.sampler_cfg.get('_target_')} failed: {cause}", "hydra/sweeper/sampler",
+                            "pip install what it names, or choose tpe, random or grid") from None  # fmt: skip
+        storage = open_storage(self.storage_cfg)
+        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                    pruner=build_pruner(self.pruner_cfg), directions=self.directions,
+                                    load_if_exists=True)  # fmt: skip
+        if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
+            raise UserError(f"study {self.study_name!r} already exists with other directions", "hydra.sweeper.direction",
+                            "use a new sweep dir or study_name")  # fmt: skip
+        self._resume(study)
+        log.info("study %r: sampler %s, pruner %s, %s", self.study_name, type(sampler).__name__,
+                 type(study.pruner).__name__, "/".join(self.directions))  # fmt: skip
+        return study, space, fixed
 
     def _resume(self, study: Any) -> None:
         from optuna.trial import TrialState
 
-        impl = self.sweeper
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             log.warning("trial %d was left running by an interrupted sweep: marking it failed", trial.number)
             study.tell(trial.number, state=TrialState.FAIL)
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state.is_finished() for t in trials)
-        impl.job_idx = len(trials)  # the next trial's number
-        if hasattr(impl.sampler, "reseed_rng"):  # a seeded sampler would repeat the study's first trials
-            impl.sampler.reseed_rng()
-        impl.n_trials = max(0, impl.n_trials - finished)
-        log.info("resuming study %r: %d finished trials, %d to go", impl.study_name, finished, impl.n_trials)
+        if trials:
+            study.sampler.reseed_rng()  # its seed would propose the study's first trials again
+            finished = sum(t.state.is_finished() for t in trials)
+            log.info("resuming study %r: %d finished trials, %d to go", self.study_name, finished,
+                     max(0, self.n_trials - finished))  # fmt: skip
 
-
-class NanAsFailure:
-    """Wraps the configured launcher: a NaN return becomes None, which the upstream sweeper records as FAIL.
-
-    Not a `Launcher` subclass, so that Hydra's plugin scan does not list it as a launcher of its own.
-    """
-
-    def __init__(self, launcher: Launcher) -> None:
-        self.launcher = launcher
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        returns = self.launcher.launch(job_overrides, initial_job_idx)
-        for num, ret in enumerate(returns, initial_job_idx):
-            value = ret.return_value if ret.status == JobStatus.COMPLETED else None
-            if isinstance(value, float) and math.isnan(value):
-                log.warning("trial %d failed: the job returned NaN (see its metrics.json and train.log)", num)
-                ret.return_value = None
+    # ---------------------------------------------------------------- the loop
+    def _run(self, study: Any, space: dict[str, Any], fixed: dict[str, str]) -> list[JobReturn]:
+        returns: list[JobReturn] = []
+        while (
+            to_go := self.n_trials - sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        ) > 0:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
+            first = trials[0].number
+            if [t.number for t in trials] != list(range(first, first + len(trials))):
+                raise RuntimeError(
+                    f"another process asked trials of study {self.study_name!r} at the same time"
+                )
+            overrides = [tuple(f"{k}={v}" for k, v in {**trial.params, **fixed}.items()) for trial in trials]
+            batch = self.launcher.launch(overrides, initial_job_idx=first)
+            crashed = [ret for ret in batch if ret.status == JobStatus.FAILED]
+            for trial, ret in zip(trials, batch, strict=True):
+                self._tell(study, trial, ret)
+            returns.extend(batch)
+            if crashed and len(crashed) / len(batch) > self.max_failure_rate:
+                log.error("%d of %d jobs crashed (max_failure_rate=%s)", len(crashed), len(batch),
+                          self.max_failure_rate)  # fmt: skip
+                _ = crashed[0].return_value  # re-raises the job's exception with its traceback
+        self._write_results(study)
         return returns
+
+    def _tell(self, study: Any, trial: Any, ret: JobReturn) -> None:
+        from optuna.trial import TrialState
+
+        tell = functools.partial(tell_study, study, trial)
+        if ret.status == JobStatus.FAILED:
+            log.warning("trial %d failed: the job raised %r", trial.number, ret._return_value)
+            tell(state=TrialState.FAIL)
+            return
+        metrics = job_metrics(ret)
+        if metrics.get("status") == "pruned":
+            log.info("trial %d pruned after epoch %s", trial.number, metrics.get("epochs"))
+            tell(state=TrialState.PRUNED)
+            return
+        values = [metrics.get(key) for key in self.objectives] if self.objectives else [ret.return_value]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            log.warning("trial %d failed: the job returned %s (see its metrics.json and train.log)",
+                        trial.number, values)  # fmt: skip
+            tell(state=TrialState.FAIL)
+            return
+        tell(values=[float(v) for v in values])
+
+    def _write_results(self, study: Any) -> None:
+        """`optimization_results.yaml` in the sweep dir: the best trial(s), as hydra-optuna-sweeper wrote it."""
+        best = study.best_trials
+        if not best:
+            log.warning("no trial of study %r completed (see the sweep summary)", self.study_name)
+            return
+        if len(self.directions) == 1:
+            results = {"name": "optuna", "best_params": best[0].params, "best_value": best[0].value}
+        else:
+            results = {
+                "name": "optuna",
+                "solutions": [{"params": t.params, "values": t.values} for t in best],
+            }
+        path = Path(self.config.hydra.sweep.dir) / "optimization_results.yaml"
+        OmegaConf.save(OmegaConf.create(results), path)
+        log.info("best trial(s): %s", path)
+
+
+def tell_study(study: Any, trial: Any, **kwargs: Any) -> None:
+    """`study.tell`; the grid sampler's `study.stop()` when the grid is done only works inside `optimize()`, and
+    its RuntimeError comes after the trial's state is stored: ignore it (the loop ends by n_trials)."""
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
+def job_metrics(ret: JobReturn) -> dict[str, Any]:
+    """The job's metrics.json (empty if it wrote none), found through its own Hydra config."""
+    output_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None
+    if output_dir is None:
+        return {}
+    try:
+        return json.loads((Path(output_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}

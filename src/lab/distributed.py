@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from lab.errors import UserError
+from lab.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,17 @@ def agree_on_run() -> None:
         _agree_on_run()
     except UserError as e:
         e.exit()
+
+
+def refuse_multirun(argv: list[str]) -> None:
+    """`torchrun ... train.py -m` would run one sweeper per rank (and hang): one line that says what to use."""
+    if {"-m", "--multirun"} & set(argv):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(UserError("a sweep (-m) under torchrun runs one sweeper per process", "torchrun ... train.py -m",
+                            "run the sweep without torchrun and give each job its own torchrun group: "
+                            "python train.py -m hydra/launcher=torchrun hydra.launcher.nproc_per_node=N ...").line(),
+                  file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _agree_on_run() -> None:

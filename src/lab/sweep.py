@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ class Job:
     epochs: int | None
     wall_time_s: float | None
     checkpoint: Path | None
+    pruned_epoch: int | None = None  # the epoch after which Optuna pruned the trial
+    trial_state: str | None = (
+        None  # COMPLETE, PRUNED, FAIL, RUNNING: the job's trial in the sweep's Optuna study
+    )
 
     @property
     def ok(self) -> bool:
@@ -78,6 +83,7 @@ def read_job(run_dir: Path) -> Job:
         epochs=metrics.get("epochs"),
         wall_time_s=round(wall, 1) if wall is not None else None,
         checkpoint=checkpoint,
+        pruned_epoch=metrics.get("pruned_epoch"),
     )
 
 
@@ -92,12 +98,50 @@ def collect(sweep_dir: Path) -> list[Job]:
     """Every job dir (a sub-folder with `.hydra/overrides.yaml`), best first; failed and unfinished ones last."""
     runs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
     jobs = [read_job(run) for run in runs]
+    states = trial_states(sweep_dir, jobs)
+    for job in jobs:
+        job.trial_state = states.get(job.num) if states else None
     sign = -1.0 if sweep_mode(jobs) == "max" else 1.0
     by_num = sorted(
         jobs, key=lambda j: (isinstance(j.num, str), j.num if isinstance(j.num, int) else 0, j.num)
     )
     # sorted() is stable: equal values and the failed jobs keep the job order.
     return sorted(by_num, key=lambda j: (0, sign * j.best) if j.ok else (1, 0.0))
+
+
+def trial_states(sweep_dir: Path, jobs: list[Job]) -> dict[int | str, str]:
+    """Trial number → state, from the Optuna study in the sweep dir (optuna.db or optuna.journal); {} if none.
+
+    A storage holding several studies: the one named after the jobs' task_name (the sweeper's default name).
+    """
+    db, journal = sweep_dir / "optuna.db", sweep_dir / "optuna.journal"
+    if not (db.is_file() or journal.is_file()):
+        return {}
+    try:
+        import optuna
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:
+        return {}
+    if db.is_file():
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}}
+        )
+    else:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    names = optuna.get_all_study_names(storage)
+    if len(names) > 1:
+        configs = (j.run_dir / ".hydra" / "config.yaml" for j in jobs)
+        task = next((_select(OmegaConf.load(p), "task_name") for p in configs if p.is_file()), None)
+        names = [n for n in names if n == task]
+    if len(names) != 1:
+        return {}
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+
+def command_line(job: Job) -> str:
+    """`python train.py <the job's overrides>`: the job again as a single run (without the sweep preset)."""
+    return shlex.join(["python", "train.py", *(o for o in job.overrides if not o.startswith("sweep="))])
 
 
 def sweep_mode(jobs: list[Job]) -> str:
@@ -123,6 +167,10 @@ def write_summary(sweep_dir: Path) -> list[Job]:
         [j.num, j.status, " ".join(o), j.best, j.test, j.epochs, j.wall_time_s, j.run_dir]
         for j, o in zip(jobs, own, strict=True)
     ]
+    if any(j.trial_state for j in jobs):  # an Optuna sweep: the trial's state and where it was pruned
+        header[2:2] = ["trial_state", "pruned_epoch"]
+        for row, job in zip(rows, jobs, strict=True):
+            row[2:2] = [job.trial_state, job.pruned_epoch]
 
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -143,6 +191,7 @@ def write_summary(sweep_dir: Path) -> list[Job]:
         f"{counts(jobs)}; sorted by `{monitor}` ({sweep_mode(jobs)}), best first.",
         "",
         *([f"Overrides common to all jobs: `{' '.join(common)}`", ""] if common else []),
+        *([f"Best job again as a single run: `{command_line(best)}`", ""] if (best := _best(jobs)) else []),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(cell(v, c) for v, c in zip(row, header, strict=True)) + " |" for row in rows),
@@ -167,10 +216,14 @@ def counts(jobs: list[Job]) -> str:
     return f"{len(jobs)} {noun}: " + ", ".join(f"{statuses[status]} {status}" for status in order)
 
 
+def _best(jobs: list[Job]) -> Job | None:
+    return next((j for j in jobs if j.ok), None)
+
+
 def report(sweep_dir: Path, jobs: list[Job]) -> str:
     """What the console shows: where the summary is, and how to get the best job back."""
     lines = [f"sweep summary ({counts(jobs)}): {sweep_dir / 'summary.md'}"]
-    best = next((j for j in jobs if j.ok), None)
+    best = _best(jobs)
     if best is None:
         lines.append("no job succeeded")
     else:
@@ -179,6 +232,7 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
             f"best: job {best.num}  {best.monitor}={best.best:.4f}{test}",
             f"  overrides: {' '.join(best.overrides)}",
             f"  checkpoint: {best.checkpoint or '(none saved)'}",
+            f"  run it again: {command_line(best)}",
         ]
     return "\n".join(lines)
 
@@ -187,8 +241,8 @@ class SweepSummary(Callback):
     """Updates the summary after each job; at the end prints the best job and exits 1 when no job succeeded."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return  # a single run
+        if config.hydra.mode != RunMode.MULTIRUN or os.environ.get("RANK", "0") != "0":
+            return  # a single run, or a rank > 0 of a torchrun job
         try:
             write_summary(Path(config.hydra.sweep.dir))
         except Exception as e:  # a summary so far is a convenience: never fail the job over it

@@ -157,6 +157,7 @@ def build(cfg: DictConfig) -> Job:
     from lab.loggers import LoggerFanOut, build_loggers
     from lab.models import build_model
     from lab.optim import build_optimizer, build_schedulers
+    from lab.optuna_trial import trial_callback
     from lab.redact import install_log_filter, redact, scrub_hydra_dir
     from lab.runtime import check_launch_env, check_writable, resolve_device, seed_everything
     from lab.trainer import Trainer
@@ -198,6 +199,10 @@ def build(cfg: DictConfig) -> Job:
         check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
     callbacks = build_callbacks(cfg.get("callbacks"))
+    if trial := trial_callback(
+        cfg
+    ):  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
+        callbacks["optuna_trial"] = trial
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
         forward_model = ddp.wrap(forward_model or model)
     trainer = Trainer(
@@ -271,6 +276,7 @@ def fit_and_report(job: Job) -> float:
                 **metrics, "monitor": checkpointer.monitor, "mode": checkpointer.mode, "best": best,
                 "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
                 "status": "success", "stopped_early": trainer.should_stop,
+                **(trial.outcome() if (trial := trainer.callbacks.get("optuna_trial")) else {}),  # status: pruned
             })  # fmt: skip
         log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         status = "success"

@@ -249,7 +249,7 @@ class Trainer:
                     self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
-                if self.should_stop:
+                if self.should_stop:  # asked by a callback: a normal end, checkpoints written
                     break
         self.checkpointer.wait()  # the last checkpoint is on disk before anything reads it
         self.callback("on_fit_end")
