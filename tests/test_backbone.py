@@ -136,15 +136,18 @@ def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
 
     run_train(tmp_path / "a", *args, "trainer.max_epochs=1")
     first = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)
-    assert [g["name"] for g in first["optimizer"]["param_groups"]] == ["head"]
-    # Epoch 2 still trains the head alone; after it the backbone joins the optimizer (and that checkpoint).
+    # The backbone's group is in the optimizer from the start (lr x backbone_lr_scale), without gradients while
+    # frozen: no optimizer state for it yet.
+    groups = first["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["head", "backbone"]
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
+    assert set(first["optimizer"]["state"]) == set(groups[0]["params"])
+    # Epoch 2 still trains the head alone; then the backbone unfreezes (before that epoch's checkpoint).
     run_train(
         tmp_path / "b", *args, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a/checkpoints/last.pt'}"
     )
     second = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)
-    groups = second["optimizer"]["param_groups"]
-    assert [g["name"] for g in groups] == ["head", "backbone"]
-    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
+    assert "backbone unfrozen" in (tmp_path / "b" / "train.log").read_text()
     assert all(torch.equal(v, backbone(second)[k]) for k, v in backbone(first).items())
     # Resume from a checkpoint taken after unfreezing: epoch 3 trains the backbone too.
     run_train(
