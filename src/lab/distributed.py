@@ -150,7 +150,7 @@ class Distributed:
 
 def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when started by torchrun (`cfg` is `trainer`); returns this rank's place and device."""
-    strategy = str(cfg.get("strategy", "auto"))
+    strategy = str(cfg.strategy)
     if strategy not in ("auto", "ddp"):
         raise UserError(f"unknown strategy {strategy!r}", "trainer.strategy", "use auto or ddp")
     if world_size() <= 1:
@@ -172,8 +172,8 @@ def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.dev
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         device=device,
-        sync_batchnorm=bool(cfg.get("sync_batchnorm", False)),
-        find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
+        sync_batchnorm=cfg.sync_batchnorm,
+        find_unused_parameters=cfg.find_unused_parameters,
     )
     if not info.is_main:
         quiet()

@@ -1,8 +1,10 @@
-"""Predictions from a checkpoint: rebuild the model from its saved config, preprocess like training, print top-k.
+"""Predictions from a checkpoint: rebuild the model from its saved config, preprocess like training, print them.
 
-`python predict.py ckpt_path=... inputs=<image file or folder> [top_k=5] [device=auto] [batch_size=32]`
+`python predict.py ckpt_path=... inputs=<image file or folder | table.csv> [top_k=5] [device=auto] [batch_size=32]`
 (the same key=value syntax as train.py, parsed by OmegaConf). Images are read as the run's `dataset.channels`,
 resized (short side) and centre-cropped to `dataset.image_size`, and normalised with `dataset.mean`/`dataset.std`.
+A CSV file (one row of features per line, an optional header) is standardised with the training split's
+statistics saved in the checkpoint; each row gets its top-k classes, or the model's outputs for regression.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
             model_cfg[key] = None
     model = build_model(model_cfg)
     ckpt.load_model_state(model, state["model"], f"ckpt_path={ckpt_path}")
-    class_names = state.get("class_names") or [str(i) for i in range(config["dataset"]["num_classes"])]
+    class_names = state.get("class_names") or [
+        str(i) for i in range(config["dataset"].get("num_classes") or 0)
+    ]
     return model.to(device).eval(), config, list(class_names)
 
 
@@ -85,6 +89,49 @@ def predict(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5, device: s
     return results
 
 
+def predict_table(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5,
+                  device: str = "auto") -> list[tuple[str, list[tuple[str, float]]]]:  # fmt: skip
+    """[(row number, [(class name, probability), ...top_k] or [("value", output), ...]), ...] for a CSV table."""
+    import numpy as np
+    import torch
+
+    from lab import checkpoint as ckpt
+    from lab.runtime import resolve_device
+
+    path = Path(str(inputs)).expanduser()
+    if not path.is_file():
+        raise UserError("no such file", f"inputs={path}", "give a CSV file with one row of features per line")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        float(lines[0].split(",")[0])
+    except (ValueError, IndexError):
+        lines = lines[1:]  # a header
+    try:
+        rows = np.array([[float(v) for v in line.split(",")] for line in lines], dtype=np.float32).reshape(
+            len(lines), -1
+        )
+    except ValueError as e:
+        raise UserError(
+            f"not a table of numbers ({e})", f"inputs={path}", "one row of numbers per line"
+        ) from None
+    torch_device = resolve_device(device)
+    model, config, class_names = load_model(ckpt_path, torch_device)
+    stats = ckpt.load(ckpt_path).get("standardize")
+    features = int(config["dataset"].get("num_features", rows.shape[1]))
+    if rows.shape[1] != features:
+        raise UserError(f"rows have {rows.shape[1]} values, the model takes {features}", f"inputs={path}", "")
+    x = torch.from_numpy(rows)
+    if stats:
+        x = (x - torch.tensor(stats["mean"])) / torch.tensor(stats["std"])
+    with torch.inference_mode():
+        outputs = model(x.to(torch_device)).float().cpu()
+    if not config["dataset"].get("num_classes"):  # regression: the outputs themselves
+        return [(str(i), [("value", v) for v in row]) for i, row in enumerate(outputs.tolist())]
+    values, indices = outputs.softmax(1).topk(max(1, min(int(top_k), len(class_names))), dim=1)
+    return [(str(i), [(class_names[c], p) for c, p in zip(ci, vi, strict=True)])
+            for i, (vi, ci) in enumerate(zip(values.tolist(), indices.tolist(), strict=True))]  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     try:
         base = OmegaConf.create(DEFAULTS)
@@ -100,7 +147,10 @@ def main(argv: list[str]) -> None:
                 raise UserError(
                     "missing argument", key, "python predict.py ckpt_path=<best.pt> inputs=<image|folder>"
                 )
-        results = predict(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device, cfg.batch_size)
+        if str(cfg.inputs).lower().endswith(".csv"):
+            results = predict_table(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device)
+        else:
+            results = predict(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device, cfg.batch_size)
     except UserError as e:
         print(e.line(), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -208,7 +208,7 @@ def build(cfg: DictConfig) -> Job:
     trainer = Trainer(
         cfg.trainer, model, task, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
-                                  "loggers": loggers.state_dict()},
+                                  "standardize": splits.extra.get("standardize"), "loggers": loggers.state_dict()},
         callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
         show_progress=main_rank, class_names=splits.class_names,
     )  # fmt: skip
@@ -239,7 +239,7 @@ def fit_and_report(job: Job) -> float:
     checkpointer = trainer.checkpointer
     summary = model_summary(job.model, job.task.example_input(trainer.device)) if job.main_rank else ""
     if job.main_rank:
-        if cfg.get("print_config", True):
+        if cfg.print_config:
             print_config(job.config)
         (job.output_dir / "model_summary.txt").write_text(summary + "\n")
         log.info("model summary:\n%s", summary)

@@ -105,7 +105,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.should_stop = False  # set by a callback (early stopping, pruning): stop after this epoch
         self.show_progress = bool(cfg.progress_bar) and show_progress
-        self.nan_policy = str(cfg.get("nan_policy", "stop"))
+        self.nan_policy = str(cfg.nan_policy)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
         # Running sums of the epoch in progress and of the logging window; saved in mid-epoch checkpoints so a
         # resumed epoch reports the same train metrics as an uninterrupted one.

@@ -150,6 +150,7 @@ def build_data(cfg: DictConfig) -> DataSplits:
         check_targets(y, num_classes, f"the {split} split of {cfg.name}")
 
     transform: Transform | None = None
+    extra: dict = {}
     if "image_size" in cfg:
         preprocess = Preprocess(cfg.image_size, cfg.channels, list(cfg.mean), list(cfg.std))
         n_values = (len(train_y) + len(val_y) + len(test_y)) * cfg.channels * cfg.image_size**2
@@ -160,6 +161,7 @@ def build_data(cfg: DictConfig) -> DataSplits:
     elif cfg.get("standardize", False):  # table rows: z-scores with the training split's statistics
         mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-8)
         train_x, val_x, test_x = ((x.float() - mean) / std for x in (train_x, val_x, test_x))
+        extra["standardize"] = {"mean": mean.tolist(), "std": std.tolist()}  # kept in checkpoints for predict.py
     class_names = list(
         cfg.get("class_names") or getattr(source, "classes", None) or range(num_classes or 0)
     )
@@ -169,6 +171,7 @@ def build_data(cfg: DictConfig) -> DataSplits:
         test=TensorDataset(test_x, test_y),
         class_names=[str(c) for c in class_names],
         transform=transform,
+        extra=extra,
     )
 
 
