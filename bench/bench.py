@@ -45,7 +45,7 @@ from lab import trainer as lab_trainer  # noqa: E402
 from lab.data import build_data  # noqa: E402
 from lab.train import run  # noqa: E402
 
-# Targets of issue 7 (CPU): lab / hand-written.
+# Targets on the CPU: lab / hand-written.
 TARGETS = {"lab dataloader": 0.97, "lab dataloader logger=none": 0.99, "lab in-memory": 1.5}
 MODES = {
     "lab dataloader": ["dataset.in_memory=false"],

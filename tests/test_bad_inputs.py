@@ -55,7 +55,7 @@ CASES = [
     Case("ckpt_foreign", ("ckpt_path={d}/foreign.pt",), "foreign.pt"),
     Case("ckpt_pickled_object", ("ckpt_path={d}/pickled.pt",), "pickled.pt"),
     Case(
-        "ckpt_other_num_classes", ("ckpt_path={good}/checkpoints/last.pt", "dataset.num_classes=5"), "head."
+        "ckpt_other_num_classes", ("ckpt_path={good}/checkpoints/last.pt", "dataset.num_classes=12"), "head."
     ),
     Case("ckpt_other_model", ("ckpt_path={good}/checkpoints/last.pt", "model=mlp"), "last.pt"),
     Case("evaluate_without_ckpt", ("train=false",), "ckpt_path"),
@@ -66,6 +66,35 @@ CASES = [
         "precision_16_mixed_on_cpu", ("trainer.precision=16-mixed", "trainer.device=cpu"), "trainer.precision"
     ),
     Case("monitor_never_logged", ("checkpoint.monitor=val/f1",), "checkpoint.monitor"),
+    # A library's rejection of a config value, and values no type can rule out.
+    Case("optimizer_unknown_argument", ("+optimizer.foo=1",), "optimizer.foo"),
+    Case("optimizer_value_rejected", ("optimizer=sgd", "optimizer.momentum=-1"), "optimizer"),
+    Case("optimizer_betas_rejected", ("+optimizer.betas=[2,3]",), "optimizer"),
+    Case("scheduler_wrong_type", ("scheduler=cosine", "scheduler.T_max=abc"), "scheduler.T_max"),
+    Case("loss_unknown_argument", ("+task.loss.foo=1",), "task.loss.foo"),
+    Case(
+        "metric_value_rejected",
+        (
+            "+task.metrics.f1={_target_:torchmetrics.classification.MulticlassF1Score,"
+            "num_classes:10,average:macroo}",
+        ),
+        "task",
+    ),  # fmt: skip
+    Case("lr_nonsense", ("optimizer.lr=100",), "optimizer.lr"),
+    Case("labels_outside_num_classes", ("dataset.num_classes=5",), "dataset.num_classes"),
+    Case("image_size_zero", ("dataset.image_size=0",), "dataset.image_size"),
+    Case("image_size_huge", ("dataset.image_size=100000",), "dataset.image_size"),
+    Case(
+        "regression_monitor_acc",
+        ("task=regression", "dataset=diabetes", "model=mlp", "checkpoint.monitor=val/acc"),
+        "checkpoint.monitor",
+    ),  # fmt: skip
+    Case("unknown_task", ("task=segmentation",), "task"),
+    Case(
+        "callback_unknown_argument",
+        ("callbacks.early_stopping.patiense=3",),
+        "callbacks.early_stopping.patiense",
+    ),
     Case("mode_unknown", ("checkpoint.mode=up",), "checkpoint.mode"),
     Case("nan_policy_unknown", ("trainer.nan_policy=ignore",), "trainer.nan_policy"),
     Case("stop_signal_unknown", ("trainer.stop_signals=[SIGFOO]",), "trainer.stop_signals"),
