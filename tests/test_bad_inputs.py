@@ -79,7 +79,7 @@ CASES = [
             "num_classes:10,average:macroo}",
         ),
         "task",
-    ),  # fmt: skip
+    ),
     Case("lr_nonsense", ("optimizer.lr=100",), "optimizer.lr"),
     Case("labels_outside_num_classes", ("dataset.num_classes=5",), "dataset.num_classes"),
     Case("image_size_zero", ("dataset.image_size=0",), "dataset.image_size"),
@@ -88,7 +88,7 @@ CASES = [
         "regression_monitor_acc",
         ("task=regression", "dataset=diabetes", "model=mlp", "checkpoint.monitor=val/acc"),
         "checkpoint.monitor",
-    ),  # fmt: skip
+    ),
     Case("unknown_task", ("task=segmentation",), "task"),
     Case(
         "callback_unknown_argument",

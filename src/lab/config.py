@@ -221,8 +221,6 @@ def validate(cfg: DictConfig) -> None:
         number_in(cfg, "dataset.image_size", 1, 4096, " pixels")
         positive_int(cfg, "dataset.image_size")
         positive_int(cfg, "dataset.channels")
-    if get(cfg, "dataset.num_classes") is not None:
-        positive_int(cfg, "dataset.num_classes")
     # Learning rates above 1 make every optimizer lab ships diverge (loss growing for the whole run).
     number_in(cfg, "optimizer.lr", 0, 1, " (a learning rate)")
     positive_int(cfg, "trainer.max_epochs")

@@ -175,12 +175,12 @@ def build(cfg: DictConfig) -> Job:
     if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
-    task = build_object(cfg.task, "task")
-    check_monitor(cfg.checkpoint.monitor, task.metric_names())
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     resume = ckpt.load(cfg.ckpt_path) if cfg.ckpt_path else None  # fail fast on a bad file
 
     splits = build_data(cfg.dataset)
+    task = build_object(cfg.task, "task")
+    check_monitor(cfg.checkpoint.monitor, task.metric_names())
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
     if resume is not None:

@@ -89,7 +89,8 @@ def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
     except InstantiationException as e:
         cause = e.__cause__
         missing = isinstance(cause, (*MISSING_FILES, URLError)) or (
-            isinstance(cause, RuntimeError) and "not found" in str(cause).lower()  # torchvision's wording
+            # torchvision's wording for missing files, and for a download that cannot reach the network
+            isinstance(cause, RuntimeError) and any(w in str(cause).lower() for w in ("not found", "downloading"))
         )
         if not missing:
             raise

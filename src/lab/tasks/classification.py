@@ -20,7 +20,9 @@ class Classification(Task):
         self, loss: nn.Module, metrics: Mapping[str, Metric], input_shape: Sequence[int], num_classes: int
     ) -> None:
         # A top-k metric with k >= the number of classes is always 1 (e.g. top-5 accuracy on 5 classes): not shown.
-        kept = {name: m for name, m in metrics.items() if getattr(m, "top_k", 1) < num_classes}
+        kept = {
+            name: m for name, m in metrics.items() if not 1 < (getattr(m, "top_k", None) or 1) >= num_classes
+        }
         if skipped := sorted(set(metrics) - set(kept)):
             log.info(
                 "%s: not reported with %d classes (top_k >= num_classes)", ", ".join(skipped), num_classes
