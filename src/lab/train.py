@@ -199,9 +199,8 @@ def build(cfg: DictConfig) -> Job:
         check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
     callbacks = build_callbacks(cfg.get("callbacks"))
-    if trial := trial_callback(
-        cfg
-    ):  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
+    trial = trial_callback(cfg)  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
+    if trial is not None:
         callbacks["optuna_trial"] = trial
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
         forward_model = ddp.wrap(forward_model or model)
