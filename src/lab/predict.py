@@ -35,23 +35,38 @@ def image_paths(inputs: str | Path) -> list[Path]:
 
 
 def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any], list[str]]:
-    """The checkpoint's model in eval mode, its resolved config and its class names."""
+    """The model in eval mode, its resolved config and its class names.
+
+    `ckpt_path` is a lab checkpoint (full or lean) or an exported `model.pt`, whose config and class names are
+    the `config.yaml` and `class_names.json` written beside it by `export.py`.
+    """
+    import json
+
     from lab import checkpoint as ckpt
     from lab.models import build_model
 
+    where = f"ckpt_path={ckpt_path}"
     state = ckpt.load(ckpt_path)
-    config = state.get("config")
+    config, class_names = state.get("config"), state.get("class_names")
+    beside = Path(str(ckpt_path)).parent
+    if config is None and (beside / "config.yaml").is_file():  # an exported model.pt
+        config = OmegaConf.to_container(OmegaConf.load(beside / "config.yaml"))
+        if (beside / "class_names.json").is_file():
+            class_names = json.loads((beside / "class_names.json").read_text())["class_names"]
     if not config or "model" not in config:
         raise UserError(
-            "the checkpoint has no saved config", f"ckpt_path={ckpt_path}", "use a lab checkpoint"
+            "no saved config: neither in the checkpoint nor a config.yaml beside it",
+            where,
+            "use a checkpoint written by train.py or the model.pt of an export/ folder",
         )
     model_cfg = dict(config["model"])
-    for key in ("weights", "weights_path"):  # every weight is in the checkpoint: no download, no file
-        if key in model_cfg:
-            model_cfg[key] = None
+    if not state.get("frozen"):  # every weight is in the file: no download, no weights file needed
+        for key in ("weights", "weights_path"):
+            if key in model_cfg:
+                model_cfg[key] = None
     model = build_model(model_cfg)
-    ckpt.load_model_state(model, state["model"], f"ckpt_path={ckpt_path}")
-    class_names = state.get("class_names") or [str(i) for i in range(config["dataset"]["num_classes"])]
+    ckpt.restore_model(model, state, where)
+    class_names = class_names or [str(i) for i in range(config["dataset"]["num_classes"])]
     return model.to(device).eval(), config, list(class_names)
 
 

@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> float:
                         "model.unfreeze_at_epoch", "under torchrun use model.unfreeze_at_epoch=null (and "
                         "model.freeze=false to fine-tune everything), or train on one process")  # fmt: skip
     if resume is not None:
-        ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+        ckpt.restore_model(model, resume, f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
         if hasattr(model, "set_epoch"):  # e.g. a backbone unfrozen by then: the optimizer must have its group
             model.set_epoch(resume["epoch"])
     model.to(device)
@@ -213,7 +213,9 @@ def run(cfg: DictConfig) -> float:
         callbacks=callbacks, forward_model=forward_model,
         reduce=ddp.all_reduce_sum if ddp.enabled else None,
     )  # fmt: skip
-    if resume is not None and cfg.train:
+    if resume is not None and cfg.train and not ckpt.is_resumable(resume):
+        log.info("ckpt_path=%s holds weights only: training starts from them at epoch 0", cfg.ckpt_path)
+    elif resume is not None and cfg.train:
         trainer.load_checkpoint_state(resume)
         loggers.resume(trainer.state.global_step, resume.get("loggers") or {})
         log.info(
@@ -234,7 +236,7 @@ def run(cfg: DictConfig) -> float:
         ddp.barrier()  # rank 0 has written best.pt
         # Final evaluation on the best weights (last ones when no best.pt was written).
         if cfg.train and checkpointer.best_path.is_file():
-            model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
+            ckpt.restore_model(model, ckpt.load(checkpointer.best_path), str(checkpointer.best_path))
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)

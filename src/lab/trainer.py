@@ -220,7 +220,7 @@ class Trainer:
 
         self.check_weights_finite()
         return {
-            "model": self.model.state_dict(),
+            **self.checkpointer.model_state(self.model),  # "model", "frozen": lean for a frozen backbone
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedulers.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
