@@ -17,7 +17,15 @@ from lab.errors import UserError
 from lab.models.backbone import Backbone
 from lab.train import run
 
-SMALL = ["model=resnet18_frozen", "dataset.image_size=32", "logger=none", "monitor=none", *TINY]
+SMALL = [
+    "model=resnet18_frozen",
+    "dataset.image_size=32",
+    "logger=none",
+    "monitor=none",
+    "print_config=false",
+    "trainer.progress_bar=false",
+    *TINY,
+]
 
 
 def save_weights(path: Path, seed: int) -> Path:
@@ -79,6 +87,13 @@ def test_lean_checkpoint_evaluates_resumes_and_predicts(
     with torch.no_grad():
         assert torch.equal(model(x), full(x))
     assert class_names == [str(i) for i in range(10)]
+
+    from lab.export import export
+
+    out = export(best, ["state_dict"], tmp_path / "export")  # always complete: stands alone
+    exported = torch.load(out / "model.pt", weights_only=True)
+    assert exported.keys() == full.state_dict().keys()
+    assert torch.equal(exported["features.conv1.weight"], full.state_dict()["features.conv1.weight"])
 
 
 def test_other_backbone_weights_are_refused_with_one_line(lean_run: Path, tmp_path: Path) -> None:

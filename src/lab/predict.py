@@ -7,13 +7,12 @@ resized (short side) and centre-cropped to `dataset.image_size`, and normalised 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from lab.errors import EXIT_USER_ERROR, UserError
+from lab.errors import UserError
 
 DEFAULTS = {"ckpt_path": None, "inputs": None, "top_k": 5, "device": "auto", "batch_size": 32}
 
@@ -100,24 +99,28 @@ def predict(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5, device: s
     return results
 
 
+def parse_args(argv: list[str], defaults: dict[str, Any], required: tuple[str, ...], usage: str) -> Any:
+    """`key=value` arguments (OmegaConf's dotlist syntax, as train.py) over `defaults`; unknown keys refused."""
+    base = OmegaConf.create(defaults)
+    OmegaConf.set_struct(base, True)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_cli(argv))
+    except Exception as e:  # an unknown key
+        raise UserError(
+            str(e).splitlines()[0], " ".join(argv), f"use the keys {', '.join(defaults)}"
+        ) from None
+    for key in required:
+        if cfg[key] is None:
+            raise UserError("missing argument", key, usage)
+    return cfg
+
+
 def main(argv: list[str]) -> None:
     try:
-        base = OmegaConf.create(DEFAULTS)
-        OmegaConf.set_struct(base, True)
-        try:
-            cfg = OmegaConf.merge(base, OmegaConf.from_cli(argv))
-        except Exception as e:  # an unknown key
-            raise UserError(
-                str(e).splitlines()[0], " ".join(argv), f"use the keys {', '.join(DEFAULTS)}"
-            ) from None
-        for key in ("ckpt_path", "inputs"):
-            if cfg[key] is None:
-                raise UserError(
-                    "missing argument", key, "python predict.py ckpt_path=<best.pt> inputs=<image|folder>"
-                )
+        cfg = parse_args(argv, DEFAULTS, ("ckpt_path", "inputs"),
+                         "python predict.py ckpt_path=<best.pt> inputs=<image|folder>")  # fmt: skip
         results = predict(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device, cfg.batch_size)
     except UserError as e:
-        print(e.line(), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        e.exit()
     for path, top in results:
         print(f"{path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in top))

@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> float:
     import torch
 
     from lab import checkpoint as ckpt
-    from lab import distributed
+    from lab import distributed, export
     from lab.data import build_data, build_loaders
     from lab.loggers import LoggerFanOut, build_loggers, flatten
     from lab.models import build_model
@@ -255,6 +255,7 @@ def run(cfg: DictConfig) -> float:
         }
         if main_rank:
             write_json(output_dir / "metrics.json", summary_metrics)
+            export.maybe_export(cfg, checkpointer.best_path, loggers)  # `export=[...]`: best.pt → export/
         log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         status = "success"
     except BaseException as e:

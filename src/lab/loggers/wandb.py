@@ -221,6 +221,12 @@ class WandbLogger(Logger):
                 model, log=self.watch_cfg["log"], log_freq=int(self.watch_cfg.get("log_freq", 100))
             )
 
+    def log_export(self, path: Path) -> None:
+        """The export folder as a version of the `model-<run id>` artifact (alias `export`)."""
+        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"export": True})
+        artifact.add_dir(str(path))
+        self.run.log_artifact(artifact, aliases=["export"])
+
     def close(self, status: str = "success") -> None:
         if self._run is None:
             return
