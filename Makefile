@@ -9,7 +9,7 @@ ARGS ?=
 NPROC ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-ddp test lint format tensorboard sweep bench clean
+.PHONY: help install train train-ddp test lint format tensorboard sweep bench clean clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,3 +52,6 @@ sweep: install ## hyper-parameter sweep: SWEEP=grid|optuna (conf/sweep/), ARGS="
 clean: ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+clean-cache: ## empty the frozen-backbone feature cache (outputs/cache/features, paths.feature_cache)
+	rm -rf outputs/cache/features

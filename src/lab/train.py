@@ -184,8 +184,9 @@ def run(cfg: DictConfig) -> float:
 
         if use_cache(model, splits):  # a frozen backbone: compute its features once, train the head on them
             loaders = cached_loaders(
-                model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size
-            )
+                model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size,
+                cache_dir=cfg.paths.get("feature_cache"),  # shared by runs and sweep jobs (null: in memory only)
+            )  # fmt: skip
             forward_model = model.head
 
     optimizer = build_optimizer(cfg.optimizer, model)
