@@ -9,7 +9,7 @@ ARGS ?=
 NPROC ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-ddp test lint format tensorboard sweep bench clean clean-cache
+.PHONY: help install train train-ddp test lint format tensorboard sweep bench clean clean-cache wandb-sweep wandb-agent
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ tensorboard: install ## serve TensorBoard on outputs/
 
 sweep: install ## hyper-parameter sweep: SWEEP=grid|optuna (conf/sweep/), ARGS="hydra/launcher=parallel ..."
 	$(BIN)/python train.py -m sweep=$(SWEEP) $(ARGS)
+
+wandb-sweep: install ## create a W&B sweep from sweeps/wandb.yaml (then: wandb agent <the id it prints>)
+	$(BIN)/wandb sweep sweeps/wandb.yaml
+
+wandb-agent: install ## run W&B sweep jobs here: make wandb-agent SWEEP_ID=<entity/project/id> (the agent calls `python`)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(SWEEP_ID)
 
 clean: ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info

@@ -1,6 +1,7 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]`; `-m` runs a sweep. See README.md."""
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -19,6 +20,9 @@ if __name__ == "__main__":
     from lab.redact import load_env
 
     load_env()  # `.env` (git-ignored) → environment, before Hydra composes the config
+    from lab.loggers.wandb import agent_argv
+
+    sys.argv = agent_argv(sys.argv)  # under `wandb agent`: W&B's values as Hydra overrides (None → null ...)
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
         from lab.distributed import agree_on_run
 

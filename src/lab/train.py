@@ -229,7 +229,9 @@ def run(cfg: DictConfig) -> float:
     status = "failed"
     try:
         loggers.log_config(config)
-        loggers.watch(model)
+        loggers.watch(
+            getattr(forward_model, "module", forward_model) or model
+        )  # the module that runs: the head alone on cached features
         loggers.log_text("config", OmegaConf.to_yaml(config))
         loggers.log_text("model_summary", summary)
         if cfg.train:
