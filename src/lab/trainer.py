@@ -445,9 +445,9 @@ class Trainer:
     def progress(self, iterable: Iterable, total: int, initial: int = 0, desc: str = "") -> Iterable:
         if not self.cfg.progress_bar:
             return iterable
-        from tqdm.auto import tqdm
+        from lab.progress import progress
 
-        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+        return progress(iterable, total, initial, desc)  # tqdm on a terminal, else a log line every 30 s
 
     # ---------------------------------------------------------------- evaluate
     @torch.inference_mode()
