@@ -155,7 +155,7 @@ def cached_loaders(
             x.clone(), y.clone(), cfg.batch_size, stage == "train", seed, rank=rank, world_size=world_size
         )
     model.train(was_training)
-    how = "loaded from the feature cache" if loaded and all(loaded) else "cached"
-    log.info("%s backbone features %s in %.1fs: the head trains on them", how, tuple(x.shape[1:]),
+    how = ", loaded from the feature cache" if loaded and all(loaded) else ""
+    log.info("cached backbone features %s%s in %.1fs: the head trains on them", tuple(x.shape[1:]), how,
              time.perf_counter() - start)  # fmt: skip
     return loaders
