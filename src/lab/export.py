@@ -2,8 +2,8 @@
 
 Writes `<run>/export/` (beside the `checkpoints/` folder):
 
-- `model.pt`: a plain, complete state_dict (also from a lean checkpoint), so that
-  `model = hydra.utils.instantiate(OmegaConf.load("model.yaml")); model.load_state_dict(torch.load("model.pt"))`
+- `model.pt`: a plain, complete state_dict (also from a lean checkpoint): the tutorials' two lines, instantiate
+  `model.yaml` and `load_state_dict` what torch loads from `model.pt`, rebuild the model (docs/export.md)
 - `model.safetensors`: the same tensors in the safetensors format
 - `model.onnx`: dynamic batch axis, input `input` (N, C, H, W) normalised like training, output `logits`;
   checked against PyTorch with onnxruntime when it is installed
