@@ -81,14 +81,15 @@ def content_hash(dataset: Any) -> str | None:
     return digest.hexdigest()
 
 
-def cache_key(model: nn.Module, cfg: DictConfig, stage: str, dataset: Any, device: torch.device) -> dict:
-    """Everything the features of one split depend on."""
+def cache_key(model: nn.Module, weights: str, cfg: DictConfig, stage: str, dataset: Any,
+              device: torch.device) -> dict:  # fmt: skip
+    """Everything the features of one split depend on (`weights`: the backbone's fingerprint)."""
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg, resolve=True)
     return {
         "backbone": getattr(model, "name", type(model).__name__),
-        "weights": model.features_fingerprint(),
+        "weights": weights,
         "dataset": {k: v for k, v in data.items() if k not in LOADER_KEYS},
         "content": content_hash(dataset),
         "size": len(dataset),
@@ -139,6 +140,7 @@ def cached_loaders(
     model.eval()
     start = time.perf_counter()
     loaders, loaded = {}, []
+    weights = model.features_fingerprint() if cache_dir else ""  # hashed once: ~1 s for VGG19
     for stage in ("train", "val", "test"):
         dataset = getattr(splits, stage)
 
@@ -146,7 +148,7 @@ def cached_loaders(
             return extract(model.features, dataset, cfg, splits.transform, device)
 
         if cache_dir:
-            x, y, hit = cached_split(cache_dir, cache_key(model, cfg, stage, dataset, device), compute)
+            x, y, hit = cached_split(cache_dir, cache_key(model, weights, cfg, stage, dataset, device), compute)
             x, y = x.to(device), y.to(device)
             loaded.append(hit)
         else:
