@@ -11,7 +11,7 @@ NAME ?=
 FORCE ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-ddp test lint format tensorboard sweep optuna-dashboard bench rename clean
+.PHONY: help install train train-ddp test lint format tensorboard sweep optuna-dashboard bench rename clean clean-cache wandb-sweep wandb-agent
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,15 @@ optuna-dashboard: install ## optuna-dashboard on a sweep's study (SWEEP_DIR=<swe
 	@test -n "$(SWEEP_DIR)" || { echo "error: no Optuna study under outputs/*/multiruns/ (SWEEP_DIR): run make sweep SWEEP=optuna first" >&2; exit 2; }
 	$(BIN)/optuna-dashboard $(if $(wildcard $(SWEEP_DIR)/optuna.db),sqlite:///$(SWEEP_DIR)/optuna.db,$(SWEEP_DIR)/optuna.journal) $(ARGS)
 
+wandb-sweep: install ## create a W&B sweep from sweeps/wandb.yaml (then: wandb agent <the id it prints>)
+	$(BIN)/wandb sweep sweeps/wandb.yaml
+
+wandb-agent: install ## run W&B sweep jobs here: make wandb-agent SWEEP_ID=<entity/project/id> (the agent calls `python`)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(SWEEP_ID)
+
 clean: ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+clean-cache: ## empty the frozen-backbone feature cache (outputs/cache/features, paths.feature_cache)
+	rm -rf outputs/cache/features

@@ -22,6 +22,9 @@ if __name__ == "__main__":
     from lab.redact import load_env
 
     load_env()  # `.env` (git-ignored) → environment, before Hydra composes the config
+    from lab.loggers.wandb import agent_argv
+
+    sys.argv = agent_argv(sys.argv)  # under `wandb agent`: W&B's values as Hydra overrides (None → null ...)
     try:
         precheck(sys.argv[1:])  # an unknown key, a wrong type or option: one line, before Hydra starts
     except UserError as e:

@@ -170,3 +170,15 @@ def test_model_config_error_is_one_line_on_the_cli(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: unknown weights 'NOPE' for resnet18 (model.weights): use one of DEFAULT, IMAGENET1K_V1 or null"
     )
+
+
+def test_every_model_config_resolves_as_cfg_job_resolve_does(tmp_path: Path) -> None:
+    """`--cfg job --resolve` runs `OmegaConf.resolve`, which rejects plain lists from resolvers."""
+    from omegaconf import OmegaConf
+
+    for option in sorted(p.stem for p in (CONF / "model").glob("*.yaml")):
+        cfg = compose_config([f"model={option}"], tmp_path)
+        OmegaConf.resolve(cfg)
+        assert len(cfg.dataset.mean) == cfg.dataset.channels, option
+    proc = run_train(None, "model=vgg19_frozen", "--cfg", "job", "--resolve")
+    assert "mean:\n  - 0.485" in proc.stdout and "Traceback" not in proc.stderr

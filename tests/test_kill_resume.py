@@ -103,14 +103,29 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory):
+def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files the variants' arguments name: a local resnet18 weights file (no download here), a feature cache."""
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("shared")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model("resnet18", weights=None).state_dict(), folder / "resnet18.pth")
+    return {"weights": folder / "resnet18.pth", "cache": folder / "cache"}
+
+
+def variant(loader: str, shared: dict[str, Path]) -> list[str]:
+    return [arg.format(**shared) for arg in LOADERS[loader]]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory, shared: dict[str, Path]):
     """The uninterrupted run for a data loader variant, trained once per module."""
     done: dict[str, Path] = {}
 
     def get(loader: str) -> Path:
         if loader not in done:
             run_dir = tmp_path_factory.mktemp("reference") / loader
-            run_train(run_dir, *ARGS, *LOADERS[loader])
+            run_train(run_dir, *ARGS, *variant(loader, shared))
             done[loader] = run_dir
         return done[loader]
 
@@ -122,15 +137,21 @@ def reference(references) -> Path:
     return references("in_memory")
 
 
-# The in-memory fast path and a classic DataLoader (DistributedSampler, skipped batches on resume).
-LOADERS = {"in_memory": [], "dataloader": ["dataset.in_memory=false"]}
-KILLS = {"in_memory": 4, "dataloader": 2}
+# The in-memory fast path and a classic DataLoader (DistributedSampler, skipped batches on resume); a frozen
+# backbone from a weights file, whose lean checkpoints hold the head and the backbone's fingerprint only.
+LOADERS = {
+    "in_memory": [],
+    "dataloader": ["dataset.in_memory=false"],
+    "lean": ["model=resnet18_frozen", "model.weights_path={weights}", "dataset.image_size=32",
+             "paths.feature_cache={cache}"],
+}  # fmt: skip
+KILLS = {"in_memory": 4, "dataloader": 2, "lean": 2}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", list(LOADERS))
 def test_sigkill_at_random_points_then_resume_is_bit_identical(
-    loader: str, references, tmp_path: Path
+    loader: str, references, shared: dict[str, Path], tmp_path: Path
 ) -> None:
     reference = references(loader)
     rng = random.Random(8)
@@ -139,7 +160,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(
     kills, finished = 0, False
     for _ in range(12):
         resume = [f"ckpt_path={last}"] if last.is_file() else []
-        proc = popen_train(run_dir, *ARGS, *LOADERS[loader], *resume)
+        proc = popen_train(run_dir, *ARGS, *variant(loader, shared), *resume)
         if kills < KILLS[loader]:
             # Let this process write at least one checkpoint of its own, then kill it at a random moment:
             # during a step, a validation or a checkpoint write.
@@ -157,6 +178,9 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(
         break
     assert finished and kills >= KILLS[loader] - 1, (finished, kills)
     assert not list((run_dir / "checkpoints").glob(".*tmp*")), "stale temp files are cleaned up on resume"
+    if loader == "lean":
+        assert ckpt.load(last)["frozen"]["weights_path"] == str(shared["weights"])
+        assert not [k for k in ckpt.load(last)["model"] if k.startswith("features.")]
 
     assert_same_state(ckpt.load(last), ckpt.load(reference / "checkpoints" / "last.pt"))
     assert_same_state(

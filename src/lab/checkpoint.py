@@ -3,6 +3,12 @@
 A checkpoint is a `torch.save`d dict of tensors and plain Python values, loaded with `weights_only=True`:
 `model` (plain state_dict), `optimizer`, `scheduler` (main + warm-up), `scaler`, `epoch`, `global_step`, `batch_in_epoch`,
 `monitor` (name, mode, best), `early_stopping`, `config` (resolved, plain dict), `class_names`, `rng`, `loggers`.
+
+Lean checkpoints: for a model with frozen blocks (`Backbone.frozen_identity()`), `model` holds only what training
+changes and `frozen` names the rest (weights name or file and a content fingerprint); `restore_model` rebuilds
+the frozen part from the model's own weights and refuses a different one. `checkpoint.save_frozen=true` stores
+everything. `ckpt_path=` also takes a plain state_dict (an exported `model.pt`): weights only, training starts
+at epoch 0.
 """
 
 from __future__ import annotations
@@ -128,6 +134,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             where,
             "use an intact last.pt/best.pt",
         ) from None
+    if is_state_dict(state):  # e.g. export/model.pt: weights only, nothing to resume
+        return {"model": state, "epoch": 0, "global_step": 0}
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise UserError(
@@ -138,17 +146,67 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
+def is_state_dict(state: Any) -> bool:
+    """A plain `model.state_dict()` (what `torch.save(model.state_dict(), ...)` writes): names → tensors only."""
+    return (
+        isinstance(state, dict)
+        and bool(state)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    )
+
+
+def is_resumable(state: dict[str, Any]) -> bool:
+    """A training checkpoint (optimizer and all), not weights alone."""
+    return "optimizer" in state
+
+
+def model_state(model: nn.Module, save_frozen: bool = False) -> dict[str, Any]:
+    """The checkpoint's `model` and `frozen` entries: without `save_frozen`, frozen blocks are left out."""
+    identity = None if save_frozen else getattr(model, "frozen_identity", lambda: None)()
+    state = model.state_dict()
+    if identity is not None:
+        skip = set(model.frozen_keys())
+        state = {key: value for key, value in state.items() if key not in skip}
+    return {"model": state, "frozen": identity}
+
+
+def restore_model(model: nn.Module, state: dict[str, Any], where: str, strict: bool = True) -> None:
+    """Load a checkpoint's weights into `model`; a lean checkpoint's frozen part must match the model's own."""
+    saved = state.get("frozen")
+    if saved is None:
+        return load_model_state(model, state["model"], where, strict)
+    from lab.models.backbone import describe
+
+    mine = getattr(model, "frozen_identity", lambda: None)()
+    if mine is None or mine["fingerprint"] != saved["fingerprint"]:
+        this = describe(mine) if mine else f"{type(model).__name__} with nothing frozen"
+        raise UserError(
+            f"the checkpoint's frozen backbone is {describe(saved)} but this model's is {this}",
+            where,
+            "build the model with the checkpoint's model.weights / model.weights_path (and model.freeze), or "
+            "use a checkpoint written with checkpoint.save_frozen=true or an exported model.pt",
+        )
+    load_model_state(model, state["model"], where, strict, frozen=set(model.frozen_keys()))
+
+
 def load_model_state(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], where: str, strict: bool = True
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    where: str,
+    strict: bool = True,
+    frozen: set[str] = frozenset(),
 ) -> None:
-    """`load_state_dict` with a readable list of missing/unexpected keys and shape mismatches."""
+    """`load_state_dict` with a readable list of missing/unexpected keys and shape mismatches.
+
+    `frozen`: keys a lean checkpoint leaves out on purpose (the model already holds them).
+    """
     own = model.state_dict()
     mismatched = [
         f"{key} {tuple(value.shape)}≠{tuple(own[key].shape)}"
         for key, value in state_dict.items()
         if key in own and own[key].shape != value.shape
     ]
-    missing = [key for key in own if key not in state_dict]
+    missing = [key for key in own if key not in state_dict and key not in frozen]
     unexpected = [key for key in state_dict if key not in own]
     if mismatched or (strict and (missing or unexpected)):
         parts = []
@@ -162,9 +220,9 @@ def load_model_state(
             "use the same model and data (num_classes) as the checkpoint, or checkpoint.strict=false for a "
             "partial load",
         )
-    if not strict:
+    if not strict or frozen:
         state_dict = {key: value for key, value in state_dict.items() if key in own}
-    model.load_state_dict(state_dict, strict=strict)
+    model.load_state_dict(state_dict, strict=strict and not frozen)
 
 
 class Checkpointer:
@@ -188,12 +246,13 @@ class Checkpointer:
         every_n_steps: int | None = None,
         strict: bool = True,
         async_write: bool = True,
+        save_frozen: bool = False,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.monitor, self.mode = monitor, mode
         self.save_last, self.save_top_k = save_last, save_top_k
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
-        self.strict = strict
+        self.strict, self.save_frozen = strict, save_frozen
         self.top_k: list[tuple[float, str]] = []  # (value, file name), best first
         self.async_write = async_write
         self._executor: ThreadPoolExecutor | None = None
@@ -212,6 +271,10 @@ class Checkpointer:
     @property
     def best_path(self) -> Path:
         return self.dirpath / "best.pt"
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """`model` and `frozen` entries of a checkpoint (lean unless `save_frozen`): see `model_state`."""
+        return model_state(model, self.save_frozen)
 
     def step_due(self, global_step: int) -> bool:
         return bool(self.save_last and self.every_n_steps and global_step % self.every_n_steps == 0)

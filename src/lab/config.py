@@ -64,6 +64,7 @@ class CheckpointConfig:
     every_n_steps: Optional[int] = MISSING  # noqa: UP045
     async_write: bool = MISSING
     strict: bool = MISSING
+    save_frozen: bool = MISSING
 
 
 def register_schemas() -> None:

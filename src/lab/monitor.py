@@ -45,6 +45,7 @@ class Monitor:
         self.mean = torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1)
         self.fixed_batch: tuple[Tensor, Tensor] | None = None
+        self.histogram_epoch: int | None = None  # the last epoch that got weight/gradient histograms
         self.batches_are_images = True  # false for tables, or a frozen backbone's cached features
         self.figures: frozenset[str] = frozenset()  # what the task can draw (set at the start)
         self.class_names: list[str] = []
@@ -111,16 +112,19 @@ class Monitor:
             trainer.model.train(was_training)
         if cfg.train_images.enabled:
             x, _ = self.first_samples(trainer, "train", cfg.train_images.count)
-            loggers.log_images("train/images", self.images(x), step)
+            loggers.log_images("train/images", upscale(self.images(x)), step)
 
     def on_after_backward(self, trainer: Any) -> None:
+        """Every `every_n_steps`, and on an epoch's last step when none was due in it: short runs show them too."""
         step = trainer.state.global_step + 1  # the optimizer step about to be taken, as in log_metrics
-        if (
-            not trainer.loggers
-            or not self.cfg.histograms.enabled
-            or not due(self.cfg.histograms.every_n_steps, step)
+        if not trainer.loggers or not self.cfg.histograms.enabled:
+            return
+        epoch = trainer.state.epoch
+        if not due(self.cfg.histograms.every_n_steps, step) and not (
+            self.histogram_epoch != epoch and last_batch_of_epoch(trainer)
         ):
             return
+        self.histogram_epoch = epoch
         for name, param in trainer.model.named_parameters():
             trainer.loggers.log_histogram(f"weights/{name}", param, step)
             if param.grad is not None:
@@ -207,6 +211,21 @@ def default_settings() -> DictConfig:
     off = {"enabled": False, "every_n_epochs": None, "every_n_steps": None, "count": 0}
     names = ("train_images", "histograms", "predictions", "confusion_matrix", "pr_curves", "embedding")
     return OmegaConf.create({"graph": False, "stages": [], **{name: off for name in names}})
+
+
+def last_batch_of_epoch(trainer: Any) -> bool:
+    from lab.trainer import limit_batches
+
+    total = limit_batches(trainer.cfg.limit_train_batches, len(trainer.loaders["train"]))
+    return trainer.state.batch_in_epoch >= total
+
+
+def upscale(images: Tensor, min_size: int = 64) -> Tensor:
+    """Small images (8×8 digits) enlarged by an integer factor, pixels kept sharp, so that a grid is legible."""
+    factor = -(-min_size // max(1, min(images.shape[-2:])))
+    if factor <= 1:
+        return images
+    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
 
 
 def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor:

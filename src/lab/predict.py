@@ -9,13 +9,12 @@ statistics saved in the checkpoint; each row gets its top-k classes, or the mode
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from lab.errors import EXIT_USER_ERROR, UserError
+from lab.errors import UserError
 
 DEFAULTS = {"ckpt_path": None, "inputs": None, "top_k": 5, "device": "auto", "batch_size": 32}
 
@@ -37,25 +36,38 @@ def image_paths(inputs: str | Path) -> list[Path]:
 
 
 def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any], list[str]]:
-    """The checkpoint's model in eval mode, its resolved config and its class names."""
+    """The model in eval mode, its resolved config and its class names.
+
+    `ckpt_path` is a lab checkpoint (full or lean) or an exported `model.pt`, whose config and class names are
+    the `config.yaml` and `class_names.json` written beside it by `export.py`.
+    """
+    import json
+
     from lab import checkpoint as ckpt
     from lab.models import build_model
 
+    where = f"ckpt_path={ckpt_path}"
     state = ckpt.load(ckpt_path)
-    config = state.get("config")
+    config, class_names = state.get("config"), state.get("class_names")
+    beside = Path(str(ckpt_path)).parent
+    if config is None and (beside / "config.yaml").is_file():  # an exported model.pt
+        config = OmegaConf.to_container(OmegaConf.load(beside / "config.yaml"))
+        if (beside / "class_names.json").is_file():
+            class_names = json.loads((beside / "class_names.json").read_text())["class_names"]
     if not config or "model" not in config:
         raise UserError(
-            "the checkpoint has no saved config", f"ckpt_path={ckpt_path}", "use a lab checkpoint"
+            "no saved config: neither in the checkpoint nor a config.yaml beside it",
+            where,
+            "use a checkpoint written by train.py or the model.pt of an export/ folder",
         )
     model_cfg = dict(config["model"])
-    for key in ("weights", "weights_path"):  # every weight is in the checkpoint: no download, no file
-        if key in model_cfg:
-            model_cfg[key] = None
+    if not state.get("frozen"):  # every weight is in the file: no download, no weights file needed
+        for key in ("weights", "weights_path"):
+            if key in model_cfg:
+                model_cfg[key] = None
     model = build_model(model_cfg)
-    ckpt.load_model_state(model, state["model"], f"ckpt_path={ckpt_path}")
-    class_names = state.get("class_names") or [
-        str(i) for i in range(config["dataset"].get("num_classes") or 0)
-    ]
+    ckpt.restore_model(model, state, where)
+    class_names = class_names or [str(i) for i in range(config["dataset"].get("num_classes") or 0)]
     return model.to(device).eval(), config, list(class_names)
 
 
@@ -132,27 +144,31 @@ def predict_table(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5,
             for i, (vi, ci) in enumerate(zip(values.tolist(), indices.tolist(), strict=True))]  # fmt: skip
 
 
+def parse_args(argv: list[str], defaults: dict[str, Any], required: tuple[str, ...], usage: str) -> Any:
+    """`key=value` arguments (OmegaConf's dotlist syntax, as train.py) over `defaults`; unknown keys refused."""
+    base = OmegaConf.create(defaults)
+    OmegaConf.set_struct(base, True)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_cli(argv))
+    except Exception as e:  # an unknown key
+        raise UserError(
+            str(e).splitlines()[0], " ".join(argv), f"use the keys {', '.join(defaults)}"
+        ) from None
+    for key in required:
+        if cfg[key] is None:
+            raise UserError("missing argument", key, usage)
+    return cfg
+
+
 def main(argv: list[str]) -> None:
     try:
-        base = OmegaConf.create(DEFAULTS)
-        OmegaConf.set_struct(base, True)
-        try:
-            cfg = OmegaConf.merge(base, OmegaConf.from_cli(argv))
-        except Exception as e:  # an unknown key
-            raise UserError(
-                str(e).splitlines()[0], " ".join(argv), f"use the keys {', '.join(DEFAULTS)}"
-            ) from None
-        for key in ("ckpt_path", "inputs"):
-            if cfg[key] is None:
-                raise UserError(
-                    "missing argument", key, "python predict.py ckpt_path=<best.pt> inputs=<image|folder>"
-                )
+        cfg = parse_args(argv, DEFAULTS, ("ckpt_path", "inputs"),
+                         "python predict.py ckpt_path=<best.pt> inputs=<image|folder|table.csv>")  # fmt: skip
         if str(cfg.inputs).lower().endswith(".csv"):
             results = predict_table(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device)
         else:
             results = predict(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device, cfg.batch_size)
     except UserError as e:
-        print(e.line(), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        e.exit()
     for path, top in results:
         print(f"{path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in top))

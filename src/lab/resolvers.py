@@ -24,10 +24,16 @@ def run_id() -> str:
 
 
 def weights_meta(name: str, weights: str | None, key: str):
-    """`${weights_meta:resnet18,DEFAULT,mean}`: preprocessing of torchvision weights (imports torchvision)."""
+    """`${weights_meta:resnet18,DEFAULT,mean}`: preprocessing of torchvision weights (imports torchvision).
+
+    Lists come back as a `ListConfig`: `OmegaConf.resolve` (Hydra's `--cfg job --resolve`) rejects plain lists.
+    """
+    from omegaconf import ListConfig
+
     from lab.models.backbone import weights_meta
 
-    return weights_meta(name, weights, key)
+    value = weights_meta(name, weights, key)
+    return ListConfig(value) if isinstance(value, list) else value
 
 
 def image_folder_classes(root: str | None) -> int:

@@ -132,6 +132,7 @@ class Job:
     ddp: Any
     splits: Any
     model: Any
+    module: Any  # what runs in the loop: the model, or its head on cached features
     task: Any
     trainer: Any
     resume: dict[str, Any] | None
@@ -184,7 +185,7 @@ def build(cfg: DictConfig) -> Job:
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
     if resume is not None:
-        ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+        ckpt.restore_model(model, resume, f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -211,7 +212,9 @@ def build(cfg: DictConfig) -> Job:
         callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
         show_progress=main_rank, class_names=splits.class_names,
     )  # fmt: skip
-    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, task, trainer, resume)
+    return Job(
+        cfg, config, output_dir, main_rank, ddp, splits, model, forward_model or model, task, trainer, resume
+    )
 
 
 def cached_features_head(
@@ -224,12 +227,16 @@ def cached_features_head(
 
     if not isinstance(model, Backbone) or not use_cache(model, splits):
         return None
-    loaders |= cached_loaders(model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
+    loaders |= cached_loaders(
+        model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size,
+        cache_dir=cfg.paths.get("feature_cache"),  # shared by runs and sweep jobs (null: in memory only)
+    )  # fmt: skip
     return model.head
 
 
 def fit_and_report(job: Job) -> float:
     from lab import checkpoint as ckpt
+    from lab import export
     from lab.loggers import flatten
     from lab.runtime import run_info
     from lab.trainer import TrainingInterrupted
@@ -244,7 +251,9 @@ def fit_and_report(job: Job) -> float:
         log.info("model summary:\n%s", summary)
         write_json(job.output_dir / "run_info.json", run_info())
         write_json(job.output_dir / "class_names.json", {"class_names": job.splits.class_names})
-    if job.resume is not None and cfg.train:
+    if job.resume is not None and cfg.train and not ckpt.is_resumable(job.resume):
+        log.info("ckpt_path=%s holds weights only: training starts from them at epoch 0", cfg.ckpt_path)
+    elif job.resume is not None and cfg.train:
         trainer.load_checkpoint_state(job.resume)
         loggers.resume(trainer.state.global_step, job.resume.get("loggers") or {})
         log.info("resumed from %s at epoch %d, step %d", cfg.ckpt_path, trainer.state.epoch,
@@ -253,7 +262,7 @@ def fit_and_report(job: Job) -> float:
     status, best = "failed", None
     try:
         loggers.log_config(job.config)
-        loggers.watch(job.model)
+        loggers.watch(job.module)  # the module that runs: the head alone on cached features
         loggers.log_text("config", OmegaConf.to_yaml(job.config))
         loggers.log_text("model_summary", summary)
         if cfg.train:
@@ -261,7 +270,7 @@ def fit_and_report(job: Job) -> float:
         job.ddp.barrier()  # rank 0 has written best.pt
         # Final evaluation on the best weights (last ones when no best.pt was written).
         if cfg.train and checkpointer.best_path.is_file():
-            job.model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
+            ckpt.restore_model(job.model, ckpt.load(checkpointer.best_path), str(checkpointer.best_path))
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)
@@ -277,6 +286,7 @@ def fit_and_report(job: Job) -> float:
                 "status": "success", "stopped_early": trainer.should_stop,
                 **(trial.outcome() if (trial := trainer.callbacks.get("optuna_trial")) else {}),  # status: pruned
             })  # fmt: skip
+            export.maybe_export(cfg, checkpointer.best_path, loggers)  # `export=[...]`: best.pt → export/
         log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         status = "success"
     except BaseException as e:

@@ -149,7 +149,7 @@ class Trainer:
 
         self.check_weights_finite()
         return {
-            "model": self.model.state_dict(),
+            **self.checkpointer.model_state(self.model),  # "model", "frozen": lean for a frozen backbone
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedulers.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -365,9 +365,9 @@ class Trainer:
     def progress(self, iterable: Iterable, total: int, initial: int = 0, desc: str = "") -> Iterable:
         if not self.show_progress:
             return iterable
-        from tqdm.auto import tqdm
+        from lab.progress import progress
 
-        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+        return progress(iterable, total, initial, desc)  # tqdm on a terminal, else a log line every 30 s
 
     # ---------------------------------------------------------------- evaluate
     @torch.inference_mode()

@@ -4,12 +4,23 @@ With a frozen backbone and no train-time augmentation the backbone's output is t
 only needs the head. Features are computed once under `torch.inference_mode()`, in dataset order, and served by
 `InMemoryLoader` with the same seeded shuffling as the image loaders, so training sees the same batches in the same
 order as without caching. The trainer then calls `model.head` while checkpoints keep the full model.
+
+With `paths.feature_cache` (a folder; null: off) the features are also kept on disk, shared by later runs and by
+every job of a sweep: one file per split, named by a hash of everything the features depend on (backbone and
+its weights' fingerprint, dataset config and content, split, preprocessing, dtype, device type). A lock lets one
+job extract while the others wait; files are written to a temp name and renamed, so nobody reads half a file;
+a corrupt or stale file is rebuilt with a warning. `make clean-cache` empties the folder.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +64,67 @@ def extract(features: nn.Module, dataset: Any, cfg: DictConfig, transform: Any, 
     return torch.cat(outputs), torch.cat(targets)
 
 
+# Dataset keys that change how batches are served, not what the features are.
+LOADER_KEYS = ("batch_size", "num_workers", "in_memory", "prefetch_factor", "pin_memory")
+
+
+def content_hash(dataset: Any) -> str | None:
+    """sha256 of a TensorDataset's tensors (seconds even for GBs, next to minutes of extraction); else None."""
+    if not isinstance(dataset, TensorDataset):
+        return None
+    digest = hashlib.sha256()
+    for t in dataset.tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.view(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def cache_key(model: nn.Module, weights: str, cfg: DictConfig, stage: str, dataset: Any,
+              device: torch.device) -> dict:  # fmt: skip
+    """Everything the features of one split depend on (`weights`: the backbone's fingerprint)."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        "backbone": getattr(model, "name", type(model).__name__),
+        "weights": weights,
+        "dataset": {k: v for k, v in data.items() if k not in LOADER_KEYS},
+        "content": content_hash(dataset),
+        "size": len(dataset),
+        "split": stage,
+        "dtype": str(torch.get_default_dtype()),
+        "device": device.type,
+    }
+
+
+def cached_split(cache_dir: str | Path, key: dict, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+    """(features, targets) from `cache_dir`, or `compute()`d and stored there; one process computes at a time."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key['backbone']}-{key['split']}-{digest}.pt"
+    with open(folder / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a sweep's other jobs wait here for the first one's file
+        if path.exists():
+            try:
+                entry = torch.load(path, map_location="cpu", weights_only=True)
+                if entry["key"] != key or not len(entry["features"]) == key["size"] == len(entry["targets"]):
+                    raise ValueError("it was made for other data or another backbone")
+                log.info("features of %s loaded from the feature cache %s", key["split"], path)
+                return entry["features"], entry["targets"], True
+            except Exception as e:
+                log.warning("feature cache %s is unreadable or stale (%s: %s): extracting again", path,
+                            type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")  # fmt: skip
+        features, targets = compute()
+        from lab.checkpoint import serialize, write_atomic
+
+        entry = {"features": features.cpu(), "targets": targets.cpu(), "key": key}
+        write_atomic(serialize(entry), path)  # temp file + rename: never half a file under this name
+        return features, targets, False
+
+
 def cached_loaders(
     model: nn.Module,
     splits: DataSplits,
@@ -61,18 +133,31 @@ def cached_loaders(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, InMemoryLoader]:
     """Every rank extracts the whole split (it is cheap next to training) and serves its own shard."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    loaders = {}
+    loaders, loaded = {}, []
+    weights = model.features_fingerprint() if cache_dir else ""  # hashed once: ~1 s for VGG19
     for stage in ("train", "val", "test"):
-        x, y = extract(model.features, getattr(splits, stage), cfg, splits.transform, device)
+        dataset = getattr(splits, stage)
+
+        def compute(dataset=dataset):
+            return extract(model.features, dataset, cfg, splits.transform, device)
+
+        if cache_dir:
+            x, y, hit = cached_split(cache_dir, cache_key(model, weights, cfg, stage, dataset, device), compute)
+            x, y = x.to(device), y.to(device)
+            loaded.append(hit)
+        else:
+            x, y = compute()
         loaders[stage] = InMemoryLoader(
             x.clone(), y.clone(), cfg.batch_size, stage == "train", seed, rank=rank, world_size=world_size
         )
     model.train(was_training)
-    log.info("cached backbone features %s in %.1fs: the head trains on them", tuple(x.shape[1:]),
+    how = ", loaded from the feature cache" if loaded and all(loaded) else ""
+    log.info("cached backbone features %s%s in %.1fs: the head trains on them", tuple(x.shape[1:]), how,
              time.perf_counter() - start)  # fmt: skip
     return loaders

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import Tensor, nn
 
 
@@ -50,6 +52,9 @@ class Logger:
         self, tag: str, features: Tensor, labels: list[str], images: Tensor | None, step: int
     ) -> None:
         """Points for an embedding projector: `features` (N, D) with a label and a thumbnail (N, C, H, W) each."""
+
+    def log_export(self, path: Path) -> None:
+        """An exported model folder (`export/`: model.pt, model.onnx, ...), e.g. as a W&B model artifact."""
 
     def watch(self, model: nn.Module) -> None:
         """Let the backend hook into the model (W&B's gradient/parameter histograms)."""

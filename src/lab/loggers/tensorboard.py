@@ -1,7 +1,13 @@
-"""TensorBoard event files under the run dir (`tensorboard/`); `make tensorboard` serves them."""
+"""TensorBoard event files under the run dir (`tensorboard/`); `make tensorboard` serves them.
+
+Besides one chart per metric, the Custom Scalars tab has train and val of each metric on one chart (the
+tutorials' `add_scalars`, without its extra runs), and the HParams table holds what tells runs apart
+(`hparams_table`): the overridden keys, model, dataset, optimizer, lr, batch size ..., not every config key.
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +23,7 @@ class TensorBoardLogger(Logger):
         self.log_dir, self.flush_secs = log_dir, flush_secs
         self.purge_step: int | None = None
         self._writer = None
+        self.layout_written = False
 
     @property
     def writer(self):
@@ -34,12 +41,20 @@ class TensorBoardLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
+        if not self.layout_written and any(name.startswith("val/") for name in metrics):
+            self.write_layout([name.removeprefix("val/") for name in metrics if name.startswith("val/")])
+
+    def write_layout(self, names: list[str]) -> None:
+        """Custom Scalars: one chart per metric with its train and val curves (written once, at the first val)."""
+        charts = {name: ["Multiline", [f"^(train|val)/{re.escape(name)}$"]] for name in names}
+        self.writer.add_custom_scalars({"train vs val": charts})
+        self.layout_written = True
 
     def log_hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         # In this run's own event file (not a sub-run as `add_hparams` does), next to the metric scalars it names.
-        allowed = {k: v for k, v in params.items() if isinstance(v, (bool, int, float, str))}
+        allowed = {k: v for k, v in hparams_table(params).items() if isinstance(v, (bool, int, float, str))}
         for summary in hparams(allowed, dict(metrics)):
             self.writer.file_writer.add_summary(summary)
 
@@ -50,7 +65,7 @@ class TensorBoardLogger(Logger):
     def log_figure(self, tag: str, figure: Any, step: int) -> None:
         self.writer.add_figure(tag, figure, step, close=False)
 
-    def log_images(self, tag: str, images: Tensor, step: int) -> None:
+    def log_images(self, tag: str, images: Tensor, step: int) -> None:  # small ones arrive upscaled
         self.writer.add_images(tag, images.detach().float().cpu(), step)  # a grid in one image
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
@@ -92,3 +107,30 @@ class TensorBoardLogger(Logger):
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+
+
+# Always in the HParams table (when in the config), after the keys given on the command line.
+LEADING_KEYS = ("model._target_", "model.name", "dataset.name", "optimizer._target_", "optimizer.lr",
+                "optimizer.weight_decay", "scheduler._target_", "dataset.batch_size", "trainer.max_epochs",
+                "trainer.seed")  # fmt: skip
+GROUPS = ("model", "dataset", "optimizer", "scheduler")
+
+
+def hparams_table(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened config cut to what distinguishes runs: overridden/swept keys and group choices first."""
+    from hydra.core.hydra_config import HydraConfig
+
+    table: dict[str, Any] = {}
+    overridden: list[str] = []
+    choices: dict[str, Any] = {}
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        choices = {g: c for g, c in hydra.runtime.choices.items() if c and not g.startswith("hydra")}
+        table.update({g: choices[g] for g in GROUPS if g in choices})
+        overridden = [o.partition("=")[0].lstrip("+~") for o in hydra.overrides.task]
+    for key in [*overridden, *LEADING_KEYS]:
+        if key in params:
+            table[key] = params[key]
+        elif key in choices:  # a group chosen on the command line, e.g. logger=many: its option's name
+            table[key] = choices[key]
+    return table

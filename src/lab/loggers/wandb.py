@@ -3,21 +3,28 @@
 `import wandb` happens here only, when `logger=wandb` (or `many`) is chosen. The run starts on first use, after
 `resume()` has had the chance to hand over the id of the interrupted run, so that a resumed job continues it.
 Without an API key (no `WANDB_API_KEY`, no `~/.netrc` entry) and with no mode forced, the run is offline and one
-line says how to upload it later; an online start that fails (no network) also falls back to offline.
+line says how to upload it later; an online start that fails (no network) also falls back to offline, except
+under a W&B sweep agent (`WANDB_SWEEP_ID`), where an offline run could never report back: that is an error.
+
+Secrets: the run name and group (built from the overrides) and W&B's record of the command line have the values
+of secret-looking overrides masked (`lab.redact`), like everything else a run writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from lab.errors import UserError
 from lab.loggers import Logger
+from lab.redact import redact_override, scrub_text, secret_values
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -38,24 +45,76 @@ def has_api_key() -> bool:
         return False
 
 
+def secret_override_values() -> set[str]:
+    """Values of the secret-looking command-line overrides (`+paths.hf_token=...`) of this Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    secrets = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.partition("=")
+        secrets[key.lstrip("+~")] = value
+    return secret_values(secrets)
+
+
 def default_name() -> str | None:
-    """The Hydra job name plus its overrides, e.g. `train:model=mlp,optimizer.lr=0.01`."""
+    """The Hydra job name plus its overrides, e.g. `train:model=mlp,optimizer.lr=0.01` (secrets masked)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return None
     job = HydraConfig.get().job
-    return f"{job.name}:{job.override_dirname}" if job.override_dirname else job.name
+    name = f"{job.name}:{job.override_dirname}" if job.override_dirname else job.name
+    return scrub_text(name, secret_override_values())
 
 
 def default_group() -> str | None:
-    """The sweep folder's name in a multirun, so a sweep's jobs show up together."""
+    """The W&B sweep id under `wandb agent`; the sweep folder's name in a multirun: a sweep's jobs together."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if os.environ.get("WANDB_SWEEP_ID"):
+        return f"sweep-{os.environ['WANDB_SWEEP_ID']}"
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().sweep.dir).name
     return None
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """W&B records `sys.argv` (the run's "command"/args): show it secret overrides masked while it looks."""
+    original = sys.argv
+    secrets = secret_override_values() | secret_values()
+    sys.argv = [scrub_text(redact_override(arg), secrets) for arg in original]
+    try:
+        yield
+    finally:
+        sys.argv = original
+
+
+def agent_argv(argv: list[str]) -> list[str]:
+    """Under `wandb agent` (WANDB_SWEEP_ID set): W&B's `key=value` arguments → Hydra overrides.
+
+    W&B writes Python values: `None` becomes Hydra's `null`; a value with a comma (Hydra would read a sweep) is
+    quoted; `-m` is refused: each agent process is one run of the W&B sweep, Hydra must not sweep again.
+    """
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        UserError("a W&B sweep agent runs one job per process", "-m",
+                  "remove -m / --multirun from the sweep's command").exit()  # fmt: skip
+    fixed = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-"):
+            if value == "None":
+                value = "null"
+            elif "," in value and value[:1] not in "[{'\"":
+                value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            arg = f"{key}={value}"
+        fixed.append(arg)
+    return fixed
 
 
 class WandbLogger(Logger):
@@ -91,11 +150,12 @@ class WandbLogger(Logger):
             )
         self.wandb = wandb
         self.save_dir = Path(save_dir)
+        secrets = secret_override_values() | secret_values()
         self.init_kwargs = {
             "project": project,
             "entity": entity,
-            "name": name or default_name(),
-            "group": group or default_group(),
+            "name": scrub_text(name or default_name() or "", secrets) or None,
+            "group": scrub_text(group or default_group() or "", secrets) or None,
             "tags": list(tags or []),
             "notes": notes,
         }
@@ -132,15 +192,26 @@ class WandbLogger(Logger):
         if mode is None and not has_api_key():
             mode = "offline"
             self._say_offline("no W&B API key found (WANDB_API_KEY or ~/.netrc)")
-        if mode is not None:
-            return wandb.init(**kwargs, mode=mode, settings=settings)
-        try:
-            return wandb.init(**kwargs, settings=settings)
-        except Exception as e:  # CommError/UsageError/timeouts: no network, bad key, server down
-            self._say_offline(f"W&B online start failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            return wandb.init(**kwargs, mode="offline", settings=settings)
+        elif mode == "offline":
+            self._say_offline("offline mode")
+        with redacted_argv():
+            if mode is not None:
+                return wandb.init(**kwargs, mode=mode, settings=settings)
+            try:
+                return wandb.init(**kwargs, settings=settings)
+            except Exception as e:  # CommError/UsageError/timeouts: no network, bad key, server down
+                self._say_offline(
+                    f"W&B online start failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                )
+                return wandb.init(**kwargs, mode="offline", settings=settings)
 
     def _say_offline(self, why: str) -> None:
+        if os.environ.get("WANDB_SWEEP_ID"):
+            raise UserError(
+                f"{why}: a W&B sweep run cannot log offline, it could never report back to the sweep",
+                "logger.wandb.mode",
+                "give the agent an API key (wandb login or WANDB_API_KEY) and network, or leave mode=null",
+            )
         log.warning(
             "%s: logging offline; upload later with `wandb sync %s/wandb/offline-run-*`", why, self.save_dir
         )
@@ -158,6 +229,9 @@ class WandbLogger(Logger):
             self.start()  # now, so the config goes in with wandb.init
         else:
             self._run.config.update(self.config, allow_val_change=True)
+        hydra_dir = self.save_dir / ".hydra"
+        if (hydra_dir / "config.yaml").is_file():  # the tutorials' wandb.save: the config file with the run
+            self._run.save(str(hydra_dir / "*.yaml"), base_path=str(self.save_dir), policy="now")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -181,6 +255,8 @@ class WandbLogger(Logger):
         self.run.log({tag: [self.wandb.Image(image) for image in images.detach().float().cpu()]}, step=step)
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        if self.watch_cfg.get("log") and tag.startswith(("weights/", "grads/")):
+            return  # wandb.watch logs parameters/* and gradients/* itself: no second copy
         self.run.log({tag: self.wandb.Histogram(values.detach().float().cpu().numpy())}, step=step)
 
     def log_pr_curves(
@@ -216,10 +292,17 @@ class WandbLogger(Logger):
         self.run.log({tag: table}, step=step)
 
     def watch(self, model: nn.Module) -> None:
+        """`model`: the module that runs each step (the head alone when backbone features are cached)."""
         if self.watch_cfg.get("log"):
             self.run.watch(
                 model, log=self.watch_cfg["log"], log_freq=int(self.watch_cfg.get("log_freq", 100))
             )
+
+    def log_export(self, path: Path) -> None:
+        """The export folder as a version of the `model-<run id>` artifact (alias `export`)."""
+        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"export": True})
+        artifact.add_dir(str(path))
+        self.run.log_artifact(artifact, aliases=["export"])
 
     def close(self, status: str = "success") -> None:
         if self._run is None:

@@ -17,6 +17,7 @@ torchvision is imported inside the functions: the default digits run never loads
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -111,6 +112,7 @@ class Backbone(nn.Module):
         cache_features: bool | str = "auto",
     ) -> None:
         super().__init__()
+        self.name, self.weights, self.weights_path = name, weights, weights_path
         self.features = self._build(name, weights, weights_path)
         parent, attr, classifier = _last_linear(self.features)
         setattr(parent, attr, nn.Identity())
@@ -217,3 +219,50 @@ class Backbone(nn.Module):
         self.frozen = []
         self.train(self.training)
         return freed
+
+    def frozen_keys(self) -> list[str]:
+        """state_dict keys of the frozen blocks: parameters and buffers that training never changes."""
+        frozen = {id(t) for unit in self.frozen for t in (*unit.parameters(), *unit.buffers())}
+        return [key for key, t in self.state_dict(keep_vars=True).items() if id(t) in frozen]
+
+    def frozen_identity(self) -> dict[str, Any] | None:
+        """What rebuilds the frozen part without storing it: the weights' name or file, and a content fingerprint.
+
+        None while nothing is frozen, and for random weights (weights=null): those have no name to rebuild them
+        from, so a checkpoint stores them. The fingerprint is computed once (VGG19: about a second) and kept.
+        """
+        keys = self.frozen_keys()
+        if not keys or (self.weights is None and not self.weights_path):
+            return None
+        if getattr(self, "_identity", None) is None or self._identity["keys"] != len(keys):
+            state = self.state_dict()
+            self._identity = {
+                "name": self.name,
+                "weights": None if self.weights_path else self.weights,
+                "weights_path": str(self.weights_path) if self.weights_path else None,
+                "fingerprint": fingerprint({key: state[key] for key in keys}),
+                "keys": len(keys),
+            }
+        return dict(self._identity)
+
+    def features_fingerprint(self) -> str:
+        """Fingerprint of the whole backbone (`features`), e.g. to key cached features on disk."""
+        return fingerprint({k: v for k, v in self.state_dict().items() if k.startswith("features.")})
+
+
+def fingerprint(tensors: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: equal exactly when the tensors are bit-identical."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.view(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:16]
+
+
+def describe(identity: dict[str, Any]) -> str:
+    """`resnet18 weights=DEFAULT (fingerprint 1a2b...)` for error messages."""
+    source = f"weights_path={identity['weights_path']}" if identity.get("weights_path") else (
+        f"weights={identity.get('weights')}")  # fmt: skip
+    return f"{identity['name']} {source} (fingerprint {identity['fingerprint']})"

@@ -1,0 +1,129 @@
+"""Lean checkpoints for frozen backbones: the head and the frozen part's identity, rebuilt and checked on load.
+
+The backbone weights come from a local file (`model.weights_path`): no download is possible here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config, run_train
+
+from lab import checkpoint as ckpt
+from lab.errors import UserError
+from lab.models.backbone import Backbone
+from lab.train import run
+
+SMALL = [
+    "model=resnet18_frozen",
+    "dataset.image_size=32",
+    "logger=none",
+    "monitor=none",
+    "print_config=false",
+    "trainer.progress_bar=false",
+    *TINY,
+]
+
+
+def save_weights(path: Path, seed: int) -> Path:
+    import torchvision
+
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.get_model("resnet18", weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_weights(tmp_path_factory.mktemp("weights") / "resnet18.pth", seed=1)
+
+
+@pytest.fixture(scope="module")
+def lean_run(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lean")
+    run(compose_config([*SMALL, f"model.weights_path={weights}"], out))
+    return out
+
+
+def test_lean_checkpoint_holds_the_head_and_the_backbone_identity(lean_run: Path, weights: Path) -> None:
+    state = ckpt.load(lean_run / "checkpoints" / "best.pt")
+    assert sorted(state["model"]) == ["head.1.bias", "head.1.weight"]
+    frozen = state["frozen"]
+    assert frozen["name"] == "resnet18" and frozen["weights_path"] == str(weights)
+    model = Backbone("resnet18", num_classes=10, weights_path=str(weights), freeze=True)
+    assert frozen["fingerprint"] == model.frozen_identity()["fingerprint"]
+    size = (lean_run / "checkpoints" / "best.pt").stat().st_size
+    assert size < 200_000, size  # resnet18 in full is ~45 MB
+
+
+def test_lean_checkpoint_evaluates_resumes_and_predicts(
+    lean_run: Path, weights: Path, tmp_path: Path
+) -> None:
+    best = lean_run / "checkpoints" / "best.pt"
+    evaluated = tmp_path / "eval"
+    run(
+        compose_config(
+            [*SMALL, f"model.weights_path={weights}", "train=false", f"ckpt_path={best}"], evaluated
+        )
+    )
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (evaluated, lean_run))
+    assert ours["val/acc"] == theirs["val/acc"] and ours["test/acc"] == theirs["test/acc"]
+
+    resumed = tmp_path / "resumed"
+    last = lean_run / "checkpoints" / "last.pt"
+    overrides = [*SMALL, f"model.weights_path={weights}", f"ckpt_path={last}", "trainer.max_epochs=3"]
+    run(compose_config(overrides, resumed))
+    assert json.loads((resumed / "metrics.json").read_text())["epochs"] == 3
+
+    from lab.predict import load_model
+
+    model, _, class_names = load_model(best, "cpu")
+    x = torch.rand(2, 3, 32, 32)
+    full = Backbone("resnet18", num_classes=10, weights_path=str(weights), freeze=True).eval()
+    full.head.load_state_dict({k.removeprefix("head."): v for k, v in ckpt.load(best)["model"].items()})
+    with torch.no_grad():
+        assert torch.equal(model(x), full(x))
+    assert class_names == [str(i) for i in range(10)]
+
+    from lab.export import export
+
+    out = export(best, ["state_dict"], tmp_path / "export")  # always complete: stands alone
+    exported = torch.load(out / "model.pt", weights_only=True)
+    assert exported.keys() == full.state_dict().keys()
+    assert torch.equal(exported["features.conv1.weight"], full.state_dict()["features.conv1.weight"])
+
+
+def test_other_backbone_weights_are_refused_with_one_line(lean_run: Path, tmp_path: Path) -> None:
+    other = save_weights(tmp_path / "other.pth", seed=2)
+    best = lean_run / "checkpoints" / "best.pt"
+    model = Backbone("resnet18", num_classes=10, weights_path=str(other), freeze=True)
+    with pytest.raises(UserError) as error:
+        ckpt.restore_model(model, ckpt.load(best), f"ckpt_path={best}")
+    line = error.value.line()
+    saved, mine = ckpt.load(best)["frozen"]["fingerprint"], model.frozen_identity()["fingerprint"]
+    assert saved != mine and saved in line and mine in line and str(other) in line and "\n" not in line
+    proc = run_train(
+        tmp_path / "cli",
+        *SMALL,
+        f"model.weights_path={other}",
+        "train=false",
+        f"ckpt_path={best}",
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: the checkpoint's")
+    assert "Traceback" not in proc.stderr
+
+
+def test_save_frozen_keeps_every_weight(weights: Path, tmp_path: Path) -> None:
+    run(compose_config([*SMALL, f"model.weights_path={weights}", "checkpoint.save_frozen=true"], tmp_path))
+    state = ckpt.load(tmp_path / "checkpoints" / "best.pt")
+    assert state["frozen"] is None and "features.conv1.weight" in state["model"]
+
+
+def test_random_weights_have_no_name_to_rebuild_from_so_they_are_stored() -> None:
+    model = Backbone("resnet18", num_classes=3, weights=None, freeze=True)
+    entries = ckpt.model_state(model)
+    assert entries["frozen"] is None and "features.conv1.weight" in entries["model"]
