@@ -2,7 +2,8 @@
 
 A checkpoint is a `torch.save`d dict of tensors and plain Python values, loaded with `weights_only=True`:
 `model` (plain state_dict), `optimizer`, `scheduler` (main + warm-up), `scaler`, `epoch`, `global_step`, `batch_in_epoch`,
-`monitor` (name, mode, best), `early_stopping`, `config` (resolved, plain dict), `class_names`, `rng`, `loggers`.
+`monitor` (name, mode, best), `callbacks` (their states, e.g. the EMA weights), `config` (resolved, plain dict),
+`class_names`, `rng`, `loggers`. `inference_weights(state)` are the weights to evaluate, predict and export with.
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             "point ckpt_path at a checkpoints/last.pt or best.pt written by train.py",
         )
     return state
+
+
+def inference_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that evaluation, predict and export use: a callback's (the EMA with `evaluate_with: ema`) that
+    says so with `inference_weights: true`, else the trained weights `model` (what training resumes from)."""
+    for cb_state in (state.get("callbacks") or {}).values():
+        if isinstance(cb_state, dict) and cb_state.get("inference_weights"):
+            return cb_state["weights"]
+    return state["model"]
 
 
 def load_model_state(

@@ -50,7 +50,7 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
         if key in model_cfg:
             model_cfg[key] = None
     model = build_model(model_cfg)
-    ckpt.load_model_state(model, state["model"], f"ckpt_path={ckpt_path}")
+    ckpt.load_model_state(model, ckpt.inference_weights(state), f"ckpt_path={ckpt_path}")
     class_names = state.get("class_names") or [str(i) for i in range(config["dataset"]["num_classes"])]
     return model.to(device).eval(), config, list(class_names)
 

@@ -176,15 +176,19 @@ def build(cfg: DictConfig) -> Job:
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
     task = build_object(cfg.task, "task")
-    check_monitor(cfg.checkpoint.monitor, task.metric_names())
+    ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
+    check_monitor(
+        cfg.checkpoint.monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])]
+    )
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     resume = ckpt.load(cfg.ckpt_path) if cfg.ckpt_path else None  # fail fast on a bad file
 
     splits = build_data(cfg.dataset)
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
-    if resume is not None:
-        ckpt.load_model_state(model, resume["model"], f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+    if resume is not None:  # training continues from the trained weights, evaluation uses the inference ones
+        weights = resume["model"] if cfg.train else ckpt.inference_weights(resume)
+        ckpt.load_model_state(model, weights, f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -262,7 +266,7 @@ def fit_and_report(job: Job) -> float:
         job.ddp.barrier()  # rank 0 has written best.pt
         # Final evaluation on the best weights (last ones when no best.pt was written).
         if cfg.train and checkpointer.best_path.is_file():
-            job.model.load_state_dict(ckpt.load(checkpointer.best_path)["model"])
+            job.model.load_state_dict(ckpt.inference_weights(ckpt.load(checkpointer.best_path)))
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)

@@ -7,7 +7,8 @@ synchronisation per step.
 
 Callbacks (`conf/callbacks/*.yaml`, see `lab.callbacks`) may define any of these methods, each called as
 `hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward` (gradients present, before
-the optimizer step), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
+the optimizer step), `on_optimizer_step` (after each one), `on_validation(metrics)` (may add metrics of its own to
+the validation's, e.g. `val_ema/acc`), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
 `on_final_evaluation(metrics)` (called by `lab.train.run` after evaluating the best weights, also with
 `train=false`). A callback stops training after the current epoch (checkpoints written, normal exit) with
 `trainer.should_stop = True`; one with `state_dict()`/`load_state_dict()` has its state in every checkpoint.
@@ -230,6 +231,7 @@ class Trainer:
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 val_metrics = self.evaluate("val", cfg.limit_val_batches)
+                self.callback("on_validation", val_metrics)
                 epoch_metrics = {**train_metrics, **val_metrics}
                 value = epoch_metrics.get(self.monitor)
                 is_best = value is not None and ckpt.improved(value, state.best, self.mode)
@@ -268,6 +270,9 @@ class Trainer:
             metrics.load_state_dict(self.resumed_metrics)
             self.resumed_metrics = None
         skip_nan = self.nan_policy == "skip"
+        step_hooks = [
+            cb.on_optimizer_step for cb in self.callbacks.values() if hasattr(cb, "on_optimizer_step")
+        ]
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
@@ -310,6 +315,8 @@ class Trainer:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
+            for hook in step_hooks:
+                hook(self)
             lrs = self.learning_rates() if log_now else None  # the lr this step used
             self.schedulers.step_after_optimizer(state.global_step)
 
