@@ -109,3 +109,97 @@ def test_ema_is_validated_beside_the_raw_weights_and_chosen_for_evaluation(tmp_p
     # The final evaluation ran the averages of best.pt; best was picked by val_ema/acc.
     assert metrics["val/acc"] == pytest.approx(acc_ema) and metrics["best"] == pytest.approx(acc_ema)
     assert metrics["monitor"] == "val_ema/acc"
+
+
+def test_param_groups_no_weight_decay_and_layer_decay_compose_with_backbone_scale_and_warmup() -> None:
+    from hydra.utils import instantiate
+
+    from lab.optim import build_optimizer, build_schedulers, layers
+
+    cfg = compose_config(["model=resnet18", "model.weights=null", "model.backbone_lr_scale=0.1", "optimizer=adamw",
+                          "optimizer.lr=0.01", "optimizer.weight_decay=0.05", "optimizer.no_weight_decay=true",
+                          "optimizer.layer_decay=0.5", "scheduler.warmup_steps=4"])  # fmt: skip
+    model = instantiate(cfg.model)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    build_schedulers(
+        cfg.scheduler, optimizer, steps_per_epoch=10, max_epochs=1
+    )  # warm-up: lr x 1/4 at step 1
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    units = layers(model)  # conv1, bn1, layer1.0, layer1.1, ..., layer4.1, head
+    assert len(units) == 11 and units[0] is model.features.conv1 and units[-1] is model.head
+    # By hand: lr = 0.01 x backbone scale x 0.5^(layers below the head) x warm-up 1/4.
+    assert groups["backbone.layer0"]["lr"] == pytest.approx(0.01 * 0.1 * 0.5**10 / 4)
+    assert groups["backbone.layer0"]["params"] == [model.features.conv1.weight]
+    assert groups["backbone.layer1.no_decay"]["lr"] == pytest.approx(0.01 * 0.1 * 0.5**9 / 4)
+    assert groups["backbone.layer1.no_decay"]["weight_decay"] == 0.0  # BatchNorm weight and bias
+    assert (
+        groups["head.layer10"]["lr"] == pytest.approx(0.01 / 4)
+        and groups["head.layer10"]["weight_decay"] == 0.05
+    )
+    assert groups["head.layer10.no_decay"]["params"] == [model.head[-1].bias]
+    # Every 1-d parameter (BatchNorm weights, biases) is in a no_decay group, every other one decays.
+    for g in optimizer.param_groups:
+        assert all((p.ndim <= 1) == g["name"].endswith(".no_decay") for p in g["params"]), g["name"]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_no_weight_decay_leaves_the_groups_alone_without_weight_decay() -> None:
+    from hydra.utils import instantiate
+
+    from lab.optim import build_optimizer
+
+    cfg = compose_config([])  # adam, weight_decay 0, no_weight_decay true: today's single group
+    optimizer = build_optimizer(cfg.optimizer, instantiate(cfg.model))
+    assert [g["name"] for g in optimizer.param_groups] == ["all"]
+
+
+def mixed_batch(option: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of 6 random 3x8x8 images with labels 0..5 through `mix=<option>` (a fresh global RNG seed)."""
+    from hydra.utils import instantiate
+
+    mix = instantiate(compose_config([f"mix={option}", "dataset.num_classes=6"]).mix)
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6)
+    torch.manual_seed(seed)
+    mixed_x, soft = mix(x.clone(), y.clone())
+    return x, y, mixed_x, soft
+
+
+def test_mixup_mixes_images_and_targets_with_a_beta_lambda() -> None:
+    x, y, mixed_x, soft = mixed_batch("mixup", seed=3)
+    torch.manual_seed(3)  # by hand: λ ~ Beta(0.2, 0.2) from the same seed
+    lam = float(torch.distributions.Beta(torch.tensor([0.2]), torch.tensor([0.2])).sample(()))
+    assert torch.allclose(mixed_x, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+    one_hot = torch.nn.functional.one_hot(y, 6).float()
+    assert torch.allclose(soft, lam * one_hot + (1 - lam) * one_hot.roll(1, 0), atol=1e-6)
+
+
+def test_cutmix_pastes_a_box_and_weights_the_targets_by_its_area() -> None:
+    for seed in range(5):
+        x, y, mixed_x, soft = mixed_batch("cutmix", seed)
+        own = (mixed_x == x).all(dim=(0, 1))  # pixels kept from each image (same box for the whole batch)
+        pasted = (mixed_x == x.roll(1, 0)).all(dim=(0, 1))
+        assert bool((own | pasted).all())
+        kept = float(own.float().mean())  # by hand: the share of each image's own pixels
+        assert torch.allclose(soft[torch.arange(6), y], torch.full((6,), kept))
+        assert torch.allclose(soft[torch.arange(6), y.roll(1, 0)], torch.full((6,), 1 - kept))
+
+
+def test_mix_trains_on_both_loader_paths_and_is_refused_for_regression(tmp_path: Path, capsys) -> None:
+    for loader in ("true", "false"):
+        metrics = train_in_process(tmp_path / loader, "mix=mixup_cutmix", f"dataset.in_memory={loader}",
+                                   "dataset.num_workers=0", "logger=csv", "trainer.log_every_n_steps=4")  # fmt: skip
+        assert metrics["status"] == "success" and 0 <= metrics["val/acc"] <= 1
+        rows = (tmp_path / loader / "metrics.csv").read_text()
+        assert "train/acc" in rows  # against the argmax of the mixed targets
+    from lab.train import main
+
+    cfg = compose_config(
+        [*QUICK, "task=regression", "dataset=diabetes", "model=mlp", "mix=mixup"], tmp_path / "r"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(cfg)
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(
+        "error: MixUp/CutMix mix class labels into soft targets; Regression has none (mix):"
+    )

@@ -176,6 +176,7 @@ def build(cfg: DictConfig) -> Job:
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
                         "trainer.precision", "use trainer.precision=bf16 or 32")  # fmt: skip
     task = build_object(cfg.task, "task")
+    mix = build_mix(cfg, task)
     ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
     check_monitor(
         cfg.checkpoint.monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])]
@@ -214,9 +215,26 @@ def build(cfg: DictConfig) -> Job:
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "loggers": loggers.state_dict()},
         callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
-        show_progress=main_rank, class_names=splits.class_names,
+        show_progress=main_rank, class_names=splits.class_names, mix=mix,
     )  # fmt: skip
     return Job(cfg, config, output_dir, main_rank, ddp, splits, model, task, trainer, resume)
+
+
+def build_mix(cfg: DictConfig, task: Any) -> Any:
+    """`mix=<option>`: a torchvision.transforms.v2 MixUp/CutMix (or a choice of them) for training batches."""
+    from lab.config import build as build_object
+    from lab.tasks.classification import Classification
+
+    node = cfg.get("mix")
+    if not node:
+        return None
+    if not isinstance(task, Classification):
+        raise UserError(f"MixUp/CutMix mix class labels into soft targets; {type(task).__name__} has none",
+                        "mix", "leave mix unset (mix=null) for this task")  # fmt: skip
+    if len(task.input_shape) != 3:
+        raise UserError(f"MixUp/CutMix mix images (C, H, W); this dataset's inputs are {list(task.input_shape)}",
+                        "mix", "leave mix unset (mix=null) for this dataset")  # fmt: skip
+    return build_object(node, "mix")
 
 
 def cached_features_head(
@@ -227,7 +245,16 @@ def cached_features_head(
     from lab.data.features import cached_loaders, use_cache
     from lab.models.backbone import Backbone
 
-    if not isinstance(model, Backbone) or not use_cache(model, splits):
+    if not isinstance(model, Backbone):
+        return None
+    if cfg.get("mix"):  # images are mixed per batch: their features change every epoch
+        if str(model.cache_features) == "True":
+            raise UserError("cannot cache features: mix mixes the images of every batch", "model.cache_features",
+                            "use model.cache_features=auto or false, or leave mix unset")  # fmt: skip
+        if str(model.cache_features) == "auto" and model.can_cache_features():
+            log.info("model.cache_features=auto: off, since mix changes the images of every batch")
+        return None
+    if not use_cache(model, splits):
         return None
     loaders |= cached_loaders(model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     return model.head

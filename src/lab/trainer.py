@@ -85,6 +85,7 @@ class Trainer:
         reduce: Callable[[Tensor], Tensor] | None = None,
         show_progress: bool = True,
         class_names: Sequence[str] = (),
+        mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.task = task
@@ -113,6 +114,7 @@ class Trainer:
         self.train_metrics = Metrics(task, device, window=True)
         self.resumed_metrics: dict[str, Any] | None = None
         self.reduce = reduce  # sums a tensor over the DDP ranks (None: one process)
+        self.mix = mix  # MixUp/CutMix of each training batch (`mix=...`): class indices become soft targets
 
         precision = str(cfg.precision)
         self.autocast_dtype = {
@@ -278,7 +280,10 @@ class Trainer:
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
         batches = islice(loader, start, num_batches)
         progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
+        mix = self.mix
         for index, (x, y) in enumerate(progress, start=start):
+            if mix is not None:
+                x, y = mix(x, y)
             with self.autocast():
                 outputs, y = task.adapt(model(self.prepare(x)), y)
                 loss = task.loss(outputs, y)
