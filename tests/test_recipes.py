@@ -4,6 +4,7 @@ checked against a hand computation. Scenarios run in-process (Hydra's compose AP
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -202,4 +203,104 @@ def test_mix_trains_on_both_loader_paths_and_is_refused_for_regression(tmp_path:
     line = capsys.readouterr().err.strip()
     assert line.startswith(
         "error: MixUp/CutMix mix class labels into soft targets; Regression has none (mix):"
+    )
+
+
+def val_steps(run_dir: Path) -> list[int]:
+    import csv
+
+    rows = csv.DictReader((run_dir / "metrics.csv").open())
+    return [int(r["step"]) for r in rows if r.get("val/acc")]  # the final evaluation shares the last step
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = ckpt.load(a)["model"], ckpt.load(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+LOOP = ["logger=csv", "model=mlp", "trainer.log_every_n_steps=4"]
+
+
+def test_val_check_interval_and_check_val_every_n_epoch_validate_when_told(tmp_path: Path, caplog) -> None:
+    # 8 steps an epoch: a fraction 0.5 validates every 4 steps, within the epoch and at its end.
+    with caplog.at_level(logging.INFO, logger="lab"):
+        metrics = train_in_process(
+            tmp_path / "half", *LOOP, "trainer.max_epochs=2", "trainer.val_check_interval=0.5"
+        )
+    assert val_steps(tmp_path / "half") == [4, 8, 12, 16]
+    log = caplog.text
+    assert "step 4 (epoch 1, batch 4)  train/loss=" in log and "step 12 (epoch 2, batch 4)" in log
+    assert metrics["global_step"] == 16 and metrics["epochs"] == 2
+    # An int counts optimizer steps from each epoch's start (as Lightning counts batches), epoch ends too.
+    train_in_process(tmp_path / "three", *LOOP, "trainer.max_epochs=2", "trainer.val_check_interval=3")
+    assert val_steps(tmp_path / "three") == [3, 6, 8, 11, 14, 16]
+    # Every second epoch, and the last: epochs 2 and 3; last.pt is written every epoch all the same.
+    train_in_process(tmp_path / "every2", *LOOP, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2")
+    assert val_steps(tmp_path / "every2") == [16, 24]
+
+
+def test_max_steps_stops_mid_epoch_validated_and_resumes_exactly(tmp_path: Path) -> None:
+    metrics = train_in_process(tmp_path / "five", *LOOP, "trainer.max_epochs=3", "trainer.max_steps=5")
+    assert metrics["global_step"] == 5 and metrics["stop_reason"] == "max_steps" and metrics["epochs"] == 0
+    assert val_steps(tmp_path / "five") == [5]
+    last = tmp_path / "five" / "checkpoints" / "last.pt"
+    assert ckpt.load(last)["batch_in_epoch"] == 5
+    train_in_process(
+        tmp_path / "resumed", *LOOP, "trainer.max_epochs=3", "trainer.max_steps=12", f"ckpt_path={last}"
+    )
+    train_in_process(tmp_path / "straight", *LOOP, "trainer.max_epochs=3", "trainer.max_steps=12")
+    assert same_weights(
+        tmp_path / "resumed" / "checkpoints" / "last.pt", tmp_path / "straight" / "checkpoints" / "last.pt"
+    )
+    assert ckpt.load(tmp_path / "straight" / "checkpoints" / "last.pt")["global_step"] == 12
+
+
+def test_max_time_stops_with_last_pt_written_and_resumes_exactly(tmp_path: Path) -> None:
+    metrics = train_in_process(tmp_path / "timed", *LOOP, "trainer.max_epochs=1000", "trainer.max_time=1.5")
+    assert metrics["stop_reason"] == "max_time" and 0 < metrics["global_step"] < 8000
+    last = ckpt.load(tmp_path / "timed" / "checkpoints" / "last.pt")
+    assert last["global_step"] == metrics["global_step"]  # written where the time ran out
+    epochs = last["epoch"] + 1
+    train_in_process(tmp_path / "resumed", *LOOP, f"trainer.max_epochs={epochs}",
+                     f"ckpt_path={tmp_path / 'timed' / 'checkpoints' / 'last.pt'}")  # fmt: skip
+    train_in_process(tmp_path / "straight", *LOOP, f"trainer.max_epochs={epochs}")
+    assert same_weights(
+        tmp_path / "resumed" / "checkpoints" / "last.pt", tmp_path / "straight" / "checkpoints" / "last.pt"
+    )
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.val_check_interval=1.5", "trainer.val_check_interval=0", "trainer.max_steps=0",
+     "trainer.max_time=soon", "trainer.check_val_every_n_epoch=0", "optimizer.layer_decay=2"],
+)  # fmt: skip
+def test_bad_recipe_values_fail_before_training_with_one_line(override: str, tmp_path: Path, capsys) -> None:
+    from lab.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(compose_config([*QUICK, override], tmp_path))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"({override.split('=')[0]})" in err and "\n" not in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_recipe_preset_through_the_real_cli(tmp_path: Path) -> None:
+    import csv
+
+    from conftest import run_train
+
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "experiment=recipe", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+              "trainer.log_every_n_steps=3", "scheduler.warmup_steps=3", "logger=csv", "trainer.device=cpu")  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "success" and metrics["monitor"] == "val_ema/acc"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["val_ema/acc"] for r in rows if r.get("val_ema/acc")] and any(
+        r.get("lr/all.no_decay") for r in rows
+    )
+    best = ckpt.load(run_dir / "checkpoints" / "best.pt")
+    assert (
+        best["callbacks"]["ema"]["inference_weights"]
+        and best["config"]["task"]["loss"]["label_smoothing"] == 0.1
     )

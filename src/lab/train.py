@@ -307,6 +307,7 @@ def fit_and_report(job: Job) -> float:
                 **metrics, "monitor": checkpointer.monitor, "mode": checkpointer.mode, "best": best,
                 "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
                 "status": "success", "stopped_early": trainer.should_stop,
+                "stop_reason": trainer.stop_reason,
                 **(trial.outcome() if (trial := trainer.callbacks.get("optuna_trial")) else {}),  # status: pruned
             })  # fmt: skip
         log.info("final: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
