@@ -2,7 +2,8 @@
 
 A checkpoint is a `torch.save`d dict of tensors and plain Python values, loaded with `weights_only=True`:
 `model` (plain state_dict), `optimizer`, `scheduler` (main + warm-up), `scaler`, `epoch`, `global_step`, `batch_in_epoch`,
-`monitor` (name, mode, best), `early_stopping`, `config` (resolved, plain dict), `class_names`, `rng`, `loggers`.
+`monitor` (name, mode, best), `callbacks` (their states, e.g. the EMA weights), `config` (resolved, plain dict),
+`class_names`, `rng`, `loggers`. `inference_weights(state)` are the weights to evaluate, predict and export with.
 
 Lean checkpoints: for a model with frozen blocks (`Backbone.frozen_identity()`), `model` holds only what training
 changes and `frozen` names the rest (weights name or file and a content fingerprint); `restore_model` rebuilds
@@ -170,11 +171,15 @@ def model_state(model: nn.Module, save_frozen: bool = False) -> dict[str, Any]:
     return {"model": state, "frozen": identity}
 
 
-def restore_model(model: nn.Module, state: dict[str, Any], where: str, strict: bool = True) -> None:
-    """Load a checkpoint's weights into `model`; a lean checkpoint's frozen part must match the model's own."""
+def restore_model(
+    model: nn.Module, state: dict[str, Any], where: str, strict: bool = True, inference: bool = False
+) -> None:
+    """Load a checkpoint's weights into `model` (`inference`: the ones to evaluate with, see `inference_weights`);
+    a lean checkpoint's frozen part must match the model's own."""
+    weights = inference_weights(state) if inference else state["model"]
     saved = state.get("frozen")
     if saved is None:
-        return load_model_state(model, state["model"], where, strict)
+        return load_model_state(model, weights, where, strict)
     from lab.models.backbone import describe
 
     mine = getattr(model, "frozen_identity", lambda: None)()
@@ -186,7 +191,16 @@ def restore_model(model: nn.Module, state: dict[str, Any], where: str, strict: b
             "build the model with the checkpoint's model.weights / model.weights_path (and model.freeze), or "
             "use a checkpoint written with checkpoint.save_frozen=true or an exported model.pt",
         )
-    load_model_state(model, state["model"], where, strict, frozen=set(model.frozen_keys()))
+    load_model_state(model, weights, where, strict, frozen=set(model.frozen_keys()))
+
+
+def inference_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that evaluation, predict and export use: a callback's (the EMA with `evaluate_with: ema`) that
+    says so with `inference_weights: true`, else the trained weights `model` (what training resumes from)."""
+    for cb_state in (state.get("callbacks") or {}).values():
+        if isinstance(cb_state, dict) and cb_state.get("inference_weights"):
+            return cb_state["weights"]
+    return state["model"]
 
 
 def load_model_state(

@@ -49,6 +49,10 @@ class TrainerConfig:
     nan_policy: str = MISSING
     progress_bar: bool = MISSING
     stop_signals: List[str] = field(default_factory=list)  # noqa: UP006
+    val_check_interval: Any = None  # null, an int (optimizer steps) or a float (fraction of an epoch)
+    check_val_every_n_epoch: int = 1
+    max_steps: Optional[int] = None  # noqa: UP045
+    max_time: Any = None  # null, seconds or "[[DD:]HH:]MM:SS"
     sync_batchnorm: bool = False  # trainer=ddp only
     find_unused_parameters: bool = False  # trainer=ddp only
 
@@ -210,6 +214,34 @@ def batch_limit(cfg: DictConfig, key: str) -> None:
         raise UserError(f"must be null, an integer > 0 or a fraction in (0, 1], got {value!r}", key)
 
 
+def loop_options(cfg: DictConfig) -> None:
+    """`trainer.val_check_interval`, `check_val_every_n_epoch`, `max_steps`, `max_time`."""
+    interval = get(cfg, "trainer.val_check_interval")
+    if interval is not None:
+        bad = isinstance(interval, bool) or not isinstance(interval, (int, float))
+        if (
+            bad
+            or (isinstance(interval, int) and interval <= 0)
+            or (isinstance(interval, float) and not 0 < interval <= 1)
+        ):
+            raise UserError(f"must be null, an integer > 0 (optimizer steps) or a fraction in (0, 1] of an epoch, got "
+                            f"{interval!r}", "trainer.val_check_interval", "set e.g. trainer.val_check_interval=0.25")  # fmt: skip
+    positive_int(cfg, "trainer.check_val_every_n_epoch")
+    if get(cfg, "trainer.max_steps") is not None:
+        positive_int(cfg, "trainer.max_steps")
+    max_time = get(cfg, "trainer.max_time")
+    if max_time is not None:
+        from lab.trainer import parse_duration
+
+        try:
+            ok = parse_duration(max_time) > 0 and not isinstance(max_time, bool)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"must be null, seconds > 0 or [[DD:]HH:]MM:SS, got {max_time!r}", "trainer.max_time",
+                            "set e.g. trainer.max_time=00:03:50:00 (3 h 50 min)")  # fmt: skip
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash (or silently misbehave) minutes into training."""
     positive_int(cfg, "dataset.batch_size")
@@ -235,6 +267,7 @@ def validate(cfg: DictConfig) -> None:
         positive_int(cfg, "callbacks.early_stopping.patience")
     for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches"):
         batch_limit(cfg, key)
+    loop_options(cfg)
     choice(cfg, "trainer.precision", PRECISIONS)
     choice(cfg, "trainer.nan_policy", NAN_POLICIES)
     signals = get(cfg, "trainer.stop_signals") or []
@@ -261,9 +294,9 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def check_monitor(monitor: str, metric_names: list[str]) -> None:
-    """`checkpoint.monitor` must be a metric the task logs every epoch (train or val stage)."""
-    allowed = [f"{stage}/{name}" for stage in ("val", "train") for name in metric_names]
+def check_monitor(monitor: str, metric_names: list[str], stages: list[str] = ("val", "train")) -> None:
+    """`checkpoint.monitor` must be a metric the task logs every epoch (train or val stage, val_ema with EMA)."""
+    allowed = [f"{stage}/{name}" for stage in stages for name in metric_names]
     if monitor not in allowed:
         raise UserError(f"{monitor!r} is not a metric this task logs each epoch", "checkpoint.monitor",
                         f"use one of {', '.join(allowed)}")  # fmt: skip

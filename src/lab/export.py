@@ -70,8 +70,7 @@ def export(
     if "safetensors" in formats:
         save_safetensors(model, out / "model.safetensors")
     if "onnx" in formats:
-        data = config["dataset"]
-        example = torch.rand(2, int(data["channels"]), int(data["image_size"]), int(data["image_size"]))
+        example = torch.rand(2, *(int(n) for n in config["dataset"]["input_shape"]))  # images or table rows
         save_onnx(model, example, out / "model.onnx", opset, check)
     model_cfg = dict(config["model"])
     for key in ("weights", "weights_path"):  # every weight is in model.pt: no download, no file needed

@@ -1,7 +1,8 @@
 """Optimizer and LR schedulers from `conf/optimizer/*.yaml` and `conf/scheduler/*.yaml`.
 
 Both configs `_target_` torch's own classes with `_partial_: true`; this file only binds them to the model's
-trainable parameters and adds an optional linear warm-up, chained in front of the scheduler.
+trainable parameters (in groups: see `param_groups`) and adds an optional linear warm-up, chained in front of the
+scheduler.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from torch import nn
 from lab.config import build
 from lab.errors import UserError
 
-# Keys of a scheduler config that are ours, not the scheduler class's.
+# Keys of a scheduler / optimizer config that are ours, not the torch class's.
 SCHEDULER_KEYS = ("interval", "warmup_steps", "monitor")
+OPTIMIZER_KEYS = ("no_weight_decay", "layer_decay")
+# Parameters of these modules get no weight decay with `optimizer.no_weight_decay` (nor does any 1-d parameter).
+NO_DECAY_MODULES = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm, nn.Embedding,
+    nn.EmbeddingBag,
+)  # fmt: skip
 
 
 def trainable_parameters(model: nn.Module) -> list[dict[str, Any]]:
@@ -30,11 +37,70 @@ def trainable_parameters(model: nn.Module) -> list[dict[str, Any]]:
     return [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+def layers(model: nn.Module) -> list[nn.Module]:
+    """What `optimizer.layer_decay` counts, input to output: the blocks `model.freeze` counts (of `features`, for
+    models with `features` and `head`), then the head."""
+    from lab.models.backbone import blocks
+
+    if isinstance(getattr(model, "features", None), nn.Module) and isinstance(
+        getattr(model, "head", None), nn.Module
+    ):
+        return [*blocks(model.features), model.head]
+    return blocks(model)
+
+
+def no_decay_ids(model: nn.Module) -> set[int]:
+    """Norm layers, embeddings and biases (every parameter with at most one dimension), as timm and torchvision's
+    references exclude them from weight decay."""
+    found = {id(p) for p in model.parameters() if p.ndim <= 1}
+    for module in model.modules():
+        if isinstance(module, NO_DECAY_MODULES):
+            found |= {id(p) for p in module.parameters(recurse=False)}
+    return found
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_weight_decay: bool = False, layer_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """The model's groups (`trainable_parameters`), split by layer for `layer_decay` (lr x layer_decay^k for the
+    layer k places below the head, times the group's own `lr_scale`) and into `.no_decay` groups (weight_decay 0)
+    for `no_weight_decay` when the optimizer has weight decay at all. Names: `<group>[.layer<i>][.no_decay]`."""
     groups = [g for g in trainable_parameters(model) if g["params"]]
+    split_decay = no_weight_decay and weight_decay != 0
+    if not split_decay and layer_decay is None:
+        return groups
+    excluded = no_decay_ids(model) if split_decay else set()
+    units = layers(model) if layer_decay is not None else []
+    layer_of = {id(p): i for i, unit in enumerate(units) for p in unit.parameters()}
+    result = []
+    for group in groups:
+        buckets: dict[tuple[int | None, bool], list[nn.Parameter]] = {}
+        for p in group["params"]:
+            layer = layer_of.get(id(p), 0) if units else None
+            buckets.setdefault((layer, id(p) not in excluded), []).append(p)
+        for (layer, decay), params in buckets.items():
+            sub = {**group, "params": params}
+            if layer is not None:
+                sub["name"] += f".layer{layer}"
+                sub["lr_scale"] = group.get("lr_scale", 1.0) * layer_decay ** (len(units) - 1 - layer)
+            if not decay:
+                sub["name"] += ".no_decay"
+                sub["weight_decay"] = 0.0
+            result.append(sub)
+    return result
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    no_weight_decay, layer_decay = bool(cfg.get("no_weight_decay", False)), cfg.get("layer_decay")
+    if layer_decay is not None and (isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float))
+                                    or not 0 < layer_decay <= 1):  # fmt: skip
+        raise UserError(f"must be null or a number in (0, 1], got {layer_decay!r}", "optimizer.layer_decay",
+                        "set e.g. optimizer.layer_decay=0.75")  # fmt: skip
+    groups = param_groups(model, cfg.get("weight_decay", 0.0) or 0.0, no_weight_decay, layer_decay)
     if not groups:
         raise UserError("the model has no trainable parameters", "model.freeze", "unfreeze at least the head")
-    optimizer = build(cfg, "optimizer", groups)
+    args = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in OPTIMIZER_KEYS}
+    optimizer = build(OmegaConf.create(args), "optimizer", groups)
     for group in optimizer.param_groups:  # e.g. a backbone's discriminative lr (lab.models.backbone)
         group["lr"] *= group.get("lr_scale", 1.0)
     return optimizer

@@ -66,7 +66,7 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
             if key in model_cfg:
                 model_cfg[key] = None
     model = build_model(model_cfg)
-    ckpt.restore_model(model, state, where)
+    ckpt.restore_model(model, state, where, inference=True)
     class_names = class_names or [str(i) for i in range(config["dataset"].get("num_classes") or 0)]
     return model.to(device).eval(), config, list(class_names)
 

@@ -181,11 +181,17 @@ def build(cfg: DictConfig) -> Job:
 
     splits = build_data(cfg.dataset)
     task = build_object(cfg.task, "task")
-    check_monitor(cfg.checkpoint.monitor, task.metric_names())
+    mix = build_mix(cfg, task)
+    ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
+    check_monitor(
+        cfg.checkpoint.monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])]
+    )
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     model = build_model(cfg.model)
-    if resume is not None:
-        ckpt.restore_model(model, resume, f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict)
+    if resume is not None:  # training continues from the trained weights, evaluation uses the inference ones
+        ckpt.restore_model(
+            model, resume, f"ckpt_path={cfg.ckpt_path}", cfg.checkpoint.strict, inference=not cfg.train
+        )
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -210,11 +216,28 @@ def build(cfg: DictConfig) -> Job:
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
                                   "standardize": splits.extra.get("standardize"), "loggers": loggers.state_dict()},
         callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
-        show_progress=main_rank, class_names=splits.class_names,
+        show_progress=main_rank, class_names=splits.class_names, mix=mix,
     )  # fmt: skip
     return Job(
         cfg, config, output_dir, main_rank, ddp, splits, model, forward_model or model, task, trainer, resume
     )
+
+
+def build_mix(cfg: DictConfig, task: Any) -> Any:
+    """`mix=<option>`: a torchvision.transforms.v2 MixUp/CutMix (or a choice of them) for training batches."""
+    from lab.config import build as build_object
+    from lab.tasks.classification import Classification
+
+    node = cfg.get("mix")
+    if not node:
+        return None
+    if not isinstance(task, Classification):
+        raise UserError(f"MixUp/CutMix mix class labels into soft targets; {type(task).__name__} has none",
+                        "mix", "leave mix unset (mix=null) for this task")  # fmt: skip
+    if len(task.input_shape) != 3:
+        raise UserError(f"MixUp/CutMix mix images (C, H, W); this dataset's inputs are {list(task.input_shape)}",
+                        "mix", "leave mix unset (mix=null) for this dataset")  # fmt: skip
+    return build_object(node, "mix")
 
 
 def cached_features_head(
@@ -225,7 +248,16 @@ def cached_features_head(
     from lab.data.features import cached_loaders, use_cache
     from lab.models.backbone import Backbone
 
-    if not isinstance(model, Backbone) or not use_cache(model, splits):
+    if not isinstance(model, Backbone):
+        return None
+    if cfg.get("mix"):  # images are mixed per batch: their features change every epoch
+        if str(model.cache_features) == "True":
+            raise UserError("cannot cache features: mix mixes the images of every batch", "model.cache_features",
+                            "use model.cache_features=auto or false, or leave mix unset")  # fmt: skip
+        if str(model.cache_features) == "auto" and model.can_cache_features():
+            log.info("model.cache_features=auto: off, since mix changes the images of every batch")
+        return None
+    if not use_cache(model, splits):
         return None
     loaders |= cached_loaders(
         model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size,
@@ -270,7 +302,9 @@ def fit_and_report(job: Job) -> float:
         job.ddp.barrier()  # rank 0 has written best.pt
         # Final evaluation on the best weights (last ones when no best.pt was written).
         if cfg.train and checkpointer.best_path.is_file():
-            ckpt.restore_model(job.model, ckpt.load(checkpointer.best_path), str(checkpointer.best_path))
+            ckpt.restore_model(
+                job.model, ckpt.load(checkpointer.best_path), str(checkpointer.best_path), inference=True
+            )
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)
@@ -284,6 +318,7 @@ def fit_and_report(job: Job) -> float:
                 **metrics, "monitor": checkpointer.monitor, "mode": checkpointer.mode, "best": best,
                 "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
                 "status": "success", "stopped_early": trainer.should_stop,
+                "stop_reason": trainer.stop_reason,
                 **(trial.outcome() if (trial := trainer.callbacks.get("optuna_trial")) else {}),  # status: pruned
             })  # fmt: skip
             export.maybe_export(cfg, checkpointer.best_path, loggers)  # `export=[...]`: best.pt → export/

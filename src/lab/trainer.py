@@ -7,7 +7,8 @@ synchronisation per step.
 
 Callbacks (`conf/callbacks/*.yaml`, see `lab.callbacks`) may define any of these methods, each called as
 `hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward` (gradients present, before
-the optimizer step), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
+the optimizer step), `on_optimizer_step` (after each one), `on_validation(metrics)` (may add metrics of its own to
+the validation's, e.g. `val_ema/acc`), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
 `on_final_evaluation(metrics)` (called by `lab.train.run` after evaluating the best weights, also with
 `train=false`). A callback stops training after the current epoch (checkpoints written, normal exit) with
 `trainer.should_stop = True`; one with `state_dict()`/`load_state_dict()` has its state in every checkpoint.
@@ -57,6 +58,18 @@ class TrainState:
     best: float | None = None  # best value of the monitored metric so far
 
 
+def parse_duration(value: Any) -> float | None:
+    """`trainer.max_time`: null, seconds, or "[[DD:]HH:]MM:SS" → seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        seconds = 0.0
+        for part, unit in zip(reversed(value.split(":")), (1, 60, 3600, 86400), strict=False):
+            seconds += float(part) * unit
+        return seconds
+    return float(value)
+
+
 def limit_batches(limit: int | float | None, num_batches: int) -> int:
     """`limit_*_batches`: None → all, int → that many, float → that fraction (at least one)."""
     if limit is None:
@@ -84,6 +97,7 @@ class Trainer:
         reduce: Callable[[Tensor], Tensor] | None = None,
         show_progress: bool = True,
         class_names: Sequence[str] = (),
+        mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.task = task
@@ -107,11 +121,17 @@ class Trainer:
         self.show_progress = bool(cfg.progress_bar) and show_progress
         self.nan_policy = str(cfg.nan_policy)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
+        self.stop_reason: str | None = None  # why fit ended early: max_steps, max_time or callback
+        self.max_steps, self.max_time = cfg.get("max_steps"), parse_duration(cfg.get("max_time"))
+        self.fit_start = self.epoch_start = 0.0
+        self.val_metrics: dict[str, float] = {}  # of the latest validation
+        self.validated_step = -1  # global step of the latest validation
         # Running sums of the epoch in progress and of the logging window; saved in mid-epoch checkpoints so a
         # resumed epoch reports the same train metrics as an uninterrupted one.
         self.train_metrics = Metrics(task, device, window=True)
         self.resumed_metrics: dict[str, Any] | None = None
         self.reduce = reduce  # sums a tensor over the DDP ranks (None: one process)
+        self.mix = mix  # MixUp/CutMix of each training batch (`mix=...`): class indices become soft targets
 
         precision = str(cfg.precision)
         self.autocast_dtype = {
@@ -215,45 +235,97 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
+        """Epochs until `max_epochs`, `max_steps` or `max_time`, or until a callback asks to stop.
+
+        Validation (best/last checkpoints, callbacks) runs at the end of every `check_val_every_n_epoch`-th epoch
+        and, with `val_check_interval`, also within it. A `max_steps` reached mid-epoch is validated; a `max_time`
+        that runs out only writes `last.pt` (mid-epoch), so the run resumes from there exactly.
+        """
         cfg, state = self.cfg, self.state
         train_loader = self.loaders["train"]
         num_batches = limit_batches(cfg.limit_train_batches, len(train_loader))
-        val_metrics: dict[str, float] = {}
+        self.fit_start = time.monotonic()
         self.callback("on_fit_start")
         with self.stop_signals():
-            while state.epoch < cfg.max_epochs:
-                epoch_start = time.perf_counter()
+            while state.epoch < cfg.max_epochs and not self.budget_spent():
+                self.epoch_start = time.perf_counter()
                 self.callback("on_train_epoch_start")
                 train_metrics = self.train_epoch(train_loader, num_batches)
                 if self.stop_signal is not None:
                     self.save_interrupted()
+                if state.batch_in_epoch < num_batches:  # stopped mid-epoch: max_steps, max_time or a callback
+                    if self.stop_reason == "max_steps" and self.validated_step != state.global_step:
+                        self.validate(train_metrics, epoch_end=False)
+                    elif self.stop_reason == "max_time" and self.checkpointer.save_last:
+                        self.checkpointer.save_step(self.checkpoint_state())
+                    self.stop_reason = self.stop_reason or "callback"
+                    break
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                val_metrics = self.evaluate("val", cfg.limit_val_batches)
-                epoch_metrics = {**train_metrics, **val_metrics}
-                value = epoch_metrics.get(self.monitor)
-                is_best = value is not None and ckpt.improved(value, state.best, self.mode)
-                if is_best:
-                    state.best = value
-                self.schedulers.step_after_epoch(epoch_metrics)
-                self.loggers.log_metrics(
-                    {**val_metrics, "epoch": state.epoch, "epoch_time": time.perf_counter() - epoch_start},
-                    state.global_step,
-                )
-                log.info(
-                    "epoch %d/%d  %s", state.epoch, cfg.max_epochs,
-                    "  ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()),
-                )  # fmt: skip
-                self.callback("on_validation_end", epoch_metrics)
-                if self.checkpointer.enabled:
-                    self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
+                if self.validation_due(state.epoch):
+                    self.validate(train_metrics, epoch_end=True)
+                else:  # no validation this epoch: last.pt and the epoch-wise scheduler all the same
+                    self.schedulers.step_after_epoch(train_metrics)
+                    self.loggers.log_metrics({"epoch": state.epoch, "epoch_time": time.perf_counter() -
+                                              self.epoch_start}, state.global_step)  # fmt: skip
+                    if self.checkpointer.enabled:
+                        self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, None, False)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
                 if self.should_stop:  # asked by a callback: a normal end, checkpoints written
+                    self.stop_reason = self.stop_reason or "callback"
                     break
         self.checkpointer.wait()  # the last checkpoint is on disk before anything reads it
         self.callback("on_fit_end")
-        return val_metrics
+        return self.val_metrics
+
+    def validation_due(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (1-based) ends with a validation: every `check_val_every_n_epoch`-th, and the last."""
+        return epoch % self.cfg.check_val_every_n_epoch == 0 or epoch == self.cfg.max_epochs
+
+    def validation_steps(self, num_batches: int) -> int | None:
+        """`val_check_interval` as optimizer steps: an int is that many steps, a float that fraction of an epoch."""
+        interval = self.cfg.val_check_interval
+        if interval is None:
+            return None
+        if isinstance(interval, float):
+            steps_per_epoch = -(-num_batches // self.cfg.accumulate_grad_batches)
+            return max(1, int(steps_per_epoch * interval))
+        return int(interval)
+
+    def budget_spent(self) -> bool:
+        """`max_steps` taken or `max_time` (seconds of this process's fit) used up; sets `stop_reason`."""
+        if self.max_steps is not None and self.state.global_step >= self.max_steps:
+            self.stop_reason = "max_steps"
+        elif self.max_time is not None and time.monotonic() - self.fit_start >= self.max_time:
+            self.stop_reason = "max_time"
+        else:
+            return False
+        return True
+
+    def validate(self, train_metrics: dict[str, float], epoch_end: bool) -> None:
+        """Evaluate the val split, keep the best, log, run the callbacks and write the checkpoints."""
+        state = self.state
+        self.validated_step = state.global_step
+        self.val_metrics = val_metrics = self.evaluate("val", self.cfg.limit_val_batches)
+        self.callback("on_validation", val_metrics)
+        epoch_metrics = {**train_metrics, **val_metrics}
+        value = epoch_metrics.get(self.monitor)
+        is_best = value is not None and ckpt.improved(value, state.best, self.mode)
+        if is_best:
+            state.best = value
+        if epoch_end:
+            self.schedulers.step_after_epoch(epoch_metrics)
+            extra = {"epoch": state.epoch, "epoch_time": time.perf_counter() - self.epoch_start}
+            where = f"epoch {state.epoch}/{self.cfg.max_epochs}"
+        else:
+            extra = {"epoch": state.epoch}
+            where = f"step {state.global_step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})"
+        self.loggers.log_metrics({**val_metrics, **extra}, state.global_step)
+        log.info("%s  %s", where, "  ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()))
+        self.callback("on_validation_end", epoch_metrics)
+        if self.checkpointer.enabled:
+            self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
 
     def train_epoch(self, loader: Any, num_batches: int) -> dict[str, float]:
         cfg, state = self.cfg, self.state
@@ -268,12 +340,20 @@ class Trainer:
             metrics.load_state_dict(self.resumed_metrics)
             self.resumed_metrics = None
         skip_nan = self.nan_policy == "skip"
+        val_every = self.validation_steps(num_batches) if self.validation_due(state.epoch + 1) else None
+        budgets = self.max_steps is not None or self.max_time is not None
+        step_hooks = [
+            cb.on_optimizer_step for cb in self.callbacks.values() if hasattr(cb, "on_optimizer_step")
+        ]
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
         batches = islice(loader, start, num_batches)
         progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
+        mix = self.mix
         for index, (x, y) in enumerate(progress, start=start):
+            if mix is not None:
+                x, y = mix(x, y)
             with self.autocast():
                 outputs, y = task.adapt(model(self.prepare(x)), y)
                 loss = task.loss(outputs, y)
@@ -310,6 +390,8 @@ class Trainer:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
+            for hook in step_hooks:
+                hook(self)
             lrs = self.learning_rates() if log_now else None  # the lr this step used
             self.schedulers.step_after_optimizer(state.global_step)
 
@@ -333,6 +415,13 @@ class Trainer:
             if self.checkpointer.step_due(state.global_step):
                 self.checkpointer.save_step(self.checkpoint_state())
             if self.stop_signal is not None:
+                break
+            epoch_step = -(-state.batch_in_epoch // accumulate)
+            if val_every and epoch_step % val_every == 0 and state.batch_in_epoch < num_batches:
+                self.validate(metrics.compute("train", self.reduce), epoch_end=False)
+                if self.stop_signal is not None or self.should_stop:
+                    break
+            if budgets and self.budget_spent():
                 break
         values = metrics.compute("train", self.reduce)
         self.check_finite(values["train/loss"])
