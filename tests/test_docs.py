@@ -91,6 +91,8 @@ def check(text: str) -> None:
     text = re.sub(r"<[^<>]*>", "<x>", OPTIONAL.sub("", text))  # `<image file or folder>`: one placeholder
     words = shlex.split(text, comments=True)
     words = [w for w in words if not PLACEHOLDER_WORD.fullmatch(w) and w != "$"]
+    shell = [i for i, w in enumerate(words) if w in ("|", "&&", ";") or w.startswith((">", "2>", "<"))]
+    words = words[: shell[0]] if shell else words  # `make train > log`: the command before the redirection
     while words and ENV_VAR.fullmatch(words[0]):
         words.pop(0)
     program, args = Path(words[0]).name, words[1:]
