@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, run_train
+from conftest import ROOT, cli_env, train
 
 # No dropout (its random masks differ between one process and two) and no BatchNorm (its statistics are per
 # process on the CPU): with these, two processes of batch 16 must take exactly the step of one of batch 32.
@@ -21,7 +21,7 @@ def torchrun(log_dir: Path, *overrides: str, check: bool = True) -> subprocess.C
     """`torchrun --standalone --nproc_per_node=2 train.py trainer=ddp ...` with the default run dir."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(ROOT / "train.py"), "trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]  # fmt: skip
-    proc = subprocess.run(args, cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0 or not check, (
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -40,7 +40,7 @@ def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path)
     one_step = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
     torchrun(tmp_path / "ddp", *one_step, "dataset.batch_size=16")
     run_dir = only_run_dir(tmp_path / "ddp")
-    run_train(tmp_path / "single", *MODEL, *one_step, "dataset.batch_size=32")
+    train(tmp_path / "single", *MODEL, *one_step, "dataset.batch_size=32")
 
     ddp = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
@@ -77,7 +77,7 @@ def test_ddp_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_trainer_ddp_without_torchrun_says_how_to_start_it(tmp_path):
-    proc = run_train(tmp_path, "trainer=ddp", "debug=fast", check=False)
+    proc = train(tmp_path, "trainer=ddp", "debug=fast", check=False)
     assert proc.returncode == 2
     assert "torchrun --nproc_per_node=N train.py trainer=ddp" in proc.stderr
     assert "Traceback" not in proc.stderr
