@@ -167,6 +167,8 @@ def isolated_process(env: dict[str, str], cwd: Path) -> Iterator[Captured]:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             yield captured
     finally:
+        if "wandb" in sys.modules:  # as at process exit: W&B's service finishes writing its runs and stops
+            sys.modules["wandb"].teardown()
         for handler in root.handlers:  # Hydra's console and train.log handlers: flush and close the files
             if handler not in saved_handlers:
                 handler.close()
