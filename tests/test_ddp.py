@@ -35,12 +35,21 @@ def only_run_dir(log_dir: Path) -> Path:
     return runs[0]
 
 
+ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run dir of one DDP step on two processes (batch 16 each), also the start of the resume test."""
+    log_dir = tmp_path_factory.mktemp("ddp")
+    torchrun(log_dir, *ONE_STEP, "dataset.batch_size=16")
+    return only_run_dir(log_dir)
+
+
 @pytest.mark.slow
-def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path):
-    one_step = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
-    torchrun(tmp_path / "ddp", *one_step, "dataset.batch_size=16")
-    run_dir = only_run_dir(tmp_path / "ddp")
-    train(tmp_path / "single", *MODEL, *one_step, "dataset.batch_size=32")
+def test_two_process_ddp_step_equals_one_process_with_the_global_batch(one_step: Path, tmp_path: Path):
+    run_dir = one_step
+    train(tmp_path / "single", *MODEL, *ONE_STEP, "dataset.batch_size=32")
 
     ddp = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
@@ -64,15 +73,14 @@ def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path)
 
 
 @pytest.mark.slow
-def test_ddp_resumes_from_its_checkpoint(tmp_path):
-    torchrun(tmp_path / "first", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
-    last = only_run_dir(tmp_path / "first") / "checkpoints" / "last.pt"
+def test_ddp_resumes_from_its_checkpoint(one_step: Path, tmp_path: Path):
+    last = one_step / "checkpoints" / "last.pt"
     torchrun(
-        tmp_path / "resumed", "trainer.max_epochs=2", "trainer.limit_train_batches=3", f"ckpt_path={last}"
+        tmp_path / "resumed", *ONE_STEP, "dataset.batch_size=16", "trainer.max_epochs=2", f"ckpt_path={last}"
     )
     run_dir = only_run_dir(tmp_path / "resumed")
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["global_step"] == 6
+    assert state["epoch"] == 2 and state["global_step"] == 2
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
