@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import runpy
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -136,7 +137,7 @@ class Captured:
 @contextlib.contextmanager
 def isolated_process(env: dict[str, str], cwd: Path) -> Iterator[Captured]:
     """What a fresh process would start from, undone afterwards: environment, cwd, stdout/stderr, logging,
-    RNGs, determinism flags, torch threads, the per-process run id/time and Hydra's singletons."""
+    signal handlers, RNGs, determinism flags, torch threads, the per-process run id/time and Hydra's singletons."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -147,6 +148,9 @@ def isolated_process(env: dict[str, str], cwd: Path) -> Iterator[Captured]:
         name: (lg.level, lg.handlers[:], lg.propagate, lg.disabled)
         for name, lg in logging.Logger.manager.loggerDict.items()
         if isinstance(lg, logging.Logger)
+    }
+    signals = {
+        s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
     }
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     flags = (
@@ -178,6 +182,8 @@ def isolated_process(env: dict[str, str], cwd: Path) -> Iterator[Captured]:
             lg.setLevel(level)
             lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
         captured.stdout, captured.stderr = stdout.getvalue(), stderr.getvalue()
+        for signum, handler in signals.items():
+            signal.signal(signum, handler)
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
