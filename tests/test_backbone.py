@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY, compose_config, run_train
+from conftest import CONF, TINY, compose_config, train
 from hydra.utils import instantiate
 from torch import nn
 
@@ -134,7 +134,7 @@ def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
     def backbone(state: dict) -> dict:
         return {k: v for k, v in state["model"].items() if k.startswith("features.")}
 
-    run_train(tmp_path / "a", *args, "trainer.max_epochs=1")
+    train(tmp_path / "a", *args, "trainer.max_epochs=1")
     first = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)
     # The backbone's group is in the optimizer from the start (lr x backbone_lr_scale), without gradients while
     # frozen: no optimizer state for it yet.
@@ -143,16 +143,12 @@ def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
     assert set(first["optimizer"]["state"]) == set(groups[0]["params"])
     # Epoch 2 still trains the head alone; then the backbone unfreezes (before that epoch's checkpoint).
-    run_train(
-        tmp_path / "b", *args, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a/checkpoints/last.pt'}"
-    )
+    train(tmp_path / "b", *args, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a/checkpoints/last.pt'}")
     second = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)
     assert "backbone unfrozen" in (tmp_path / "b" / "train.log").read_text()
     assert all(torch.equal(v, backbone(second)[k]) for k, v in backbone(first).items())
     # Resume from a checkpoint taken after unfreezing: epoch 3 trains the backbone too.
-    run_train(
-        tmp_path / "c", *args, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'b/checkpoints/last.pt'}"
-    )
+    train(tmp_path / "c", *args, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'b/checkpoints/last.pt'}")
     third = torch.load(tmp_path / "c/checkpoints/last.pt", weights_only=True)
     assert third["epoch"] == 3 and len(third["optimizer"]["param_groups"]) == 2
     changed = [k for k, v in backbone(second).items() if not torch.equal(v, backbone(third)[k])]
@@ -160,12 +156,12 @@ def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
 
 
 def test_model_config_error_is_one_line_on_the_cli(tmp_path: Path) -> None:
-    proc = run_train(tmp_path / "run", "model=mobilenet_v3_small_frozen", "model.weights=null", "model.freeze=999",
+    proc = train(tmp_path / "run", "model=mobilenet_v3_small_frozen", "model.weights=null", "model.freeze=999",
                      check=False)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: must be true, false or a block count 0..")
     # A UserError raised while resolving the config (${weights_meta:...}) is one line too.
-    proc = run_train(tmp_path / "run2", "model=resnet18_frozen", "model.weights=NOPE", check=False)
+    proc = train(tmp_path / "run2", "model=resnet18_frozen", "model.weights=NOPE", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: unknown weights 'NOPE' for resnet18 (model.weights): use one of DEFAULT, IMAGENET1K_V1 or null"

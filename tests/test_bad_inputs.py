@@ -1,8 +1,9 @@
-"""Bad inputs through the real CLI: each one exits non-zero with one line naming the key or file, no traceback,
+"""Bad inputs on the command line: each one exits non-zero with one line naming the key or file, no traceback,
 and leaves an earlier run dir exactly as it was.
 
-Every case fails before training, so the whole table costs a few seconds of process start-up per case; the cases
-run two at a time.
+Every case fails before training. The table runs `train.py` in-process (`conftest.train`: the same `__main__`,
+Hydra's own argument parsing and error reporting, the exit code from `SystemExit`, stderr captured); a few cases,
+one per place a failure can come from, also run as real processes and must fail the same way.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, run_train
-
-pytestmark = pytest.mark.slow  # 48 real CLI runs (~80 s on 2 cores)
+from conftest import cli_env, run_train, train
 
 
 @dataclass(frozen=True)
@@ -140,6 +139,9 @@ if os.geteuid() != 0:  # root may write anywhere: then only the path-under-a-fil
     CASES.append(Case("output_dir_read_only", ("hydra.run.dir={d}/read_only/run",), "hydra.run.dir"))
 if not torch.cuda.is_available():  # only meaningful where there is no GPU
     CASES.append(Case("device_cuda_absent", ("trainer.device=cuda",), "trainer.device"))
+# Also through a real process: Hydra rejecting an override, a config value our validation refuses, a checkpoint
+# refused when loaded, a bad torchrun environment (checked in train.py before Hydra starts).
+CLI_CASES = ("unknown_key", "lr_zero", "ckpt_pickled_object", "torchrun_rank_outside_world")
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -157,10 +159,11 @@ def write_png(path: Path, color: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Case]]:
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
+    """Each case's outcome: `results[id]` in-process, `results["cli", id]` as a real process."""
     d = tmp_path_factory.mktemp("bad_inputs")
     good = d / "good"
-    run_train(good, "debug=fast", "checkpoint=default")
+    train(good, "debug=fast", "checkpoint=default")
     last = good / "checkpoints" / "last.pt"
     (d / "corrupt.pt").write_bytes(os.urandom(4096))
     (d / "truncated.pt").write_bytes(last.read_bytes()[: last.stat().st_size // 2])
@@ -184,25 +187,24 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subproc
     (d / "images_corrupt" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     before = snapshot(good)
 
-    def run(case: Case) -> subprocess.CompletedProcess:
+    def run(case: Case, runner=train, where: str = "runs") -> subprocess.CompletedProcess:
         overrides = [o.format(d=d, good=good) for o in case.overrides]
-        run_dir = d / "runs" / case.id
-        return run_train(run_dir, *overrides, check=False, env=cli_env(**case.env), timeout=120)
+        return runner(d / where / case.id, *overrides, check=False, env=cli_env(**case.env))
 
-    todo = CASES
+    procs = {case.id: run(case) for case in CASES}
+    cli = [next(c for c in CASES if c.id == case_id) for case_id in CLI_CASES]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = dict(zip([c.id for c in todo], pool.map(run, todo), strict=True))
+        cli_procs = pool.map(lambda c: run(c, run_train, "cli"), cli)
+        procs |= {("cli", c.id): proc for c, proc in zip(cli, cli_procs, strict=True)}
     assert snapshot(good) == before, "a failed run modified an earlier run dir"
-    return {case_id: (proc, next(c for c in CASES if c.id == case_id)) for case_id, proc in procs.items()}
+    return procs
 
 
 def test_the_table_has_at_least_25_cases() -> None:
     assert len(CASES) >= 25
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input_fails_cleanly(case: Case, results: dict) -> None:
-    proc, _ = results[case.id]
+def assert_fails_cleanly(proc: subprocess.CompletedProcess, case: Case) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
@@ -212,3 +214,21 @@ def test_bad_input_fails_cleanly(case: Case, results: dict) -> None:
     assert len(ours) <= 1, ours  # our own message is a single line (Hydra's may take a few)
     if ours:
         assert case.names in ours[0] and ours[0].count("error:") == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_fails_cleanly(case: Case, results: dict) -> None:
+    assert_fails_cleanly(results[case.id], case)
+
+
+@pytest.mark.parametrize("case_id", CLI_CASES)
+def test_a_real_process_fails_the_same_way(case_id: str, results: dict) -> None:
+    case = next(c for c in CASES if c.id == case_id)
+    proc, in_process = results["cli", case_id], results[case_id]
+    assert_fails_cleanly(proc, case)
+    assert proc.returncode == in_process.returncode
+    assert [line for line in proc.stderr.splitlines() if case.names in line] == [
+        line.replace(f"/runs/{case_id}", f"/cli/{case_id}")
+        for line in in_process.stderr.splitlines()
+        if case.names in line
+    ]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_train
+from conftest import compose_config, train
 
 from lab.data import Preprocess, build_data, build_loaders
 from lab.errors import UserError
@@ -92,7 +92,7 @@ def test_missing_dataset_files_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_through_the_cli_fails_before_training(tmp_path: Path) -> None:
-    proc = run_train(
+    proc = train(
         tmp_path / "run", "dataset=mnist", f"paths.data_dir={tmp_path / 'empty'}", "dataset.source.download=false",
         check=False,
     )  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, run_train
+from conftest import ROOT, cli_env, train
 
 # No dropout (its random masks differ between one process and two) and no BatchNorm (its statistics are per
 # process on the CPU): with these, two processes of batch 16 must take exactly the step of one of batch 32.
@@ -21,7 +21,7 @@ def torchrun(log_dir: Path, *overrides: str, check: bool = True) -> subprocess.C
     """`torchrun --standalone --nproc_per_node=2 train.py trainer=ddp ...` with the default run dir."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(ROOT / "train.py"), "trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]  # fmt: skip
-    proc = subprocess.run(args, cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0 or not check, (
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -35,12 +35,21 @@ def only_run_dir(log_dir: Path) -> Path:
     return runs[0]
 
 
+ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run dir of one DDP step on two processes (batch 16 each), also the start of the resume test."""
+    log_dir = tmp_path_factory.mktemp("ddp")
+    torchrun(log_dir, *ONE_STEP, "dataset.batch_size=16")
+    return only_run_dir(log_dir)
+
+
 @pytest.mark.slow
-def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path):
-    one_step = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
-    torchrun(tmp_path / "ddp", *one_step, "dataset.batch_size=16")
-    run_dir = only_run_dir(tmp_path / "ddp")
-    run_train(tmp_path / "single", *MODEL, *one_step, "dataset.batch_size=32")
+def test_two_process_ddp_step_equals_one_process_with_the_global_batch(one_step: Path, tmp_path: Path):
+    run_dir = one_step
+    train(tmp_path / "single", *MODEL, *ONE_STEP, "dataset.batch_size=32")
 
     ddp = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
@@ -64,20 +73,19 @@ def test_two_process_ddp_step_equals_one_process_with_the_global_batch(tmp_path)
 
 
 @pytest.mark.slow
-def test_ddp_resumes_from_its_checkpoint(tmp_path):
-    torchrun(tmp_path / "first", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
-    last = only_run_dir(tmp_path / "first") / "checkpoints" / "last.pt"
+def test_ddp_resumes_from_its_checkpoint(one_step: Path, tmp_path: Path):
+    last = one_step / "checkpoints" / "last.pt"
     torchrun(
-        tmp_path / "resumed", "trainer.max_epochs=2", "trainer.limit_train_batches=3", f"ckpt_path={last}"
+        tmp_path / "resumed", *ONE_STEP, "dataset.batch_size=16", "trainer.max_epochs=2", f"ckpt_path={last}"
     )
     run_dir = only_run_dir(tmp_path / "resumed")
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["global_step"] == 6
+    assert state["epoch"] == 2 and state["global_step"] == 2
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
 def test_trainer_ddp_without_torchrun_says_how_to_start_it(tmp_path):
-    proc = run_train(tmp_path, "trainer=ddp", "debug=fast", check=False)
+    proc = train(tmp_path, "trainer=ddp", "debug=fast", check=False)
     assert proc.returncode == 2
     assert "torchrun --nproc_per_node=N train.py trainer=ddp" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_train
+from conftest import compose_config, train
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -88,7 +88,7 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
-    proc = run_train(
+    proc = train(
         tmp_path / "run", "dataset=image_folder", f"dataset.root={tmp_path / 'nowhere'}", check=False
     )
     assert proc.returncode == 2
@@ -101,9 +101,9 @@ def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None
     args = ["dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
             "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "trainer.max_epochs=2",
             "model.dropout=0.2", "test=false"]  # fmt: skip
-    cached = run_train(tmp_path / "cached", *args, "model.cache_features=auto", "monitor=full")
+    cached = train(tmp_path / "cached", *args, "model.cache_features=auto", "monitor=full")
     assert "cached backbone features" in cached.stderr + cached.stdout
-    plain = run_train(tmp_path / "plain", *args, "model.cache_features=false")
+    plain = train(tmp_path / "plain", *args, "model.cache_features=false")
     assert "cached backbone features" not in plain.stderr + plain.stdout
     a = torch.load(tmp_path / "cached/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, run_train
+from conftest import ROOT, cli_env, run_train, train
 
 from lab import checkpoint as ckpt
 
@@ -134,7 +134,7 @@ def references(tmp_path_factory: pytest.TempPathFactory, shared: dict[str, Path]
     def get(loader: str) -> Path:
         if loader not in done:
             run_dir = tmp_path_factory.mktemp("reference") / loader
-            run_train(run_dir, *ARGS, *variant(loader, shared))
+            train(run_dir, *ARGS, *variant(loader, shared))
             done[loader] = run_dir
         return done[loader]
 
@@ -211,9 +211,9 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(
 
 def test_resume_continues_the_epoch_count_and_reproduces_the_metrics(reference: Path, tmp_path: Path) -> None:
     first = tmp_path / "first"
-    run_train(first, *ARGS, "trainer.max_epochs=2", "scheduler.T_max=3")
+    train(first, *ARGS, "trainer.max_epochs=2", "scheduler.T_max=3")
     second = tmp_path / "second"
-    run_train(second, *ARGS, f"ckpt_path={first / 'checkpoints' / 'last.pt'}")
+    train(second, *ARGS, f"ckpt_path={first / 'checkpoints' / 'last.pt'}")
     assert "resumed from" in (second / "train.log").read_text()
     assert list(epoch_lines(second / "train.log")) == ["3/3"]  # only the third epoch ran
     assert_same_state(
@@ -244,7 +244,7 @@ def test_sigterm_saves_last_closes_loggers_and_exits_143(tmp_path: Path) -> None
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     assert events.Scalars("train/loss")[-1].step == state["global_step"] > 0
-    # ... and the run continues from there.
+    # ... and the run continues from there (the real CLI for `resume`).
     resumed = run_train(tmp_path / "resumed", f"ckpt_path={last}", f"trainer.max_epochs={state['epoch'] + 1}")
     assert resumed.returncode == 0
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
@@ -254,12 +254,12 @@ def test_sigterm_saves_last_closes_loggers_and_exits_143(tmp_path: Path) -> None
 def test_resume_auto_picks_the_newest_last_pt_of_the_task(tmp_path: Path) -> None:
     log_dir = tmp_path / "outputs"
     common = ["debug=fast", "checkpoint=default", f"paths.log_dir={log_dir}", "task_name=job"]
-    run_train(None, *common, "resume=auto")  # nothing to resume yet: starts fresh
+    train(None, *common, "resume=auto")  # nothing to resume yet: starts fresh
     (old,) = (log_dir / "job" / "runs").iterdir()
     before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
     time.sleep(0.05)
     os.utime(old / "checkpoints" / "last.pt")
-    run_train(None, *common, "resume=auto", "trainer.max_epochs=2", env=cli_env(LAB_RUN_ID="second"))
+    train(None, *common, "resume=auto", "trainer.max_epochs=2", env=cli_env(LAB_RUN_ID="second"))
     new = next(p for p in (log_dir / "job" / "runs").iterdir() if p != old)
     assert f"resume=auto: resuming from {old / 'checkpoints' / 'last.pt'}" in (new / "train.log").read_text()
     assert ckpt.load(new / "checkpoints" / "last.pt")["epoch"] == 2

@@ -1,4 +1,5 @@
-"""TensorBoard, CSV, `logger=many` and `logger=none` through the real CLI, read back from the files they write."""
+"""TensorBoard, CSV, `logger=many` and `logger=none` through `train.py` (in-process; the import check needs a real
+process), read back from the files they write."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli_env, run_train
+from conftest import TINY, cli_env, run_train, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -21,7 +22,7 @@ TRAIN_STEPS, VAL_STEPS = [2, 4, 6, 8], [4, 8]
 @pytest.fixture(scope="module")
 def many_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("many") / "run"
-    run_train(run_dir, *TINY, "logger=many", "monitor=none")
+    train(run_dir, *TINY, "logger=many", "monitor=none")
     return run_dir
 
 

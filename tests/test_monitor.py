@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_train
+from conftest import TINY, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lab.monitor import confusion_matrix, predictions_figure
@@ -22,9 +22,7 @@ def events(log_dir: Path) -> EventAccumulator:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("monitor") / "run"
-    run_train(
-        run_dir, *TINY, "monitor=full", "monitor.histograms.every_n_steps=2", "monitor.embedding.count=40"
-    )
+    train(run_dir, *TINY, "monitor=full", "monitor.histograms.every_n_steps=2", "monitor.embedding.count=40")
     return run_dir
 
 
@@ -67,7 +65,7 @@ def test_embedding_projector(full_run: Path) -> None:
 def test_default_monitor_is_light(tmp_outputs: Path) -> None:
     """Defaults: graph, image grid, histograms, PR curves at the end; no figures, so no matplotlib import."""
     run_dir = tmp_outputs / "default"
-    run_train(run_dir, *TINY, "monitor.histograms.every_n_steps=4")
+    train(run_dir, *TINY, "monitor.histograms.every_n_steps=4")
     acc = events(run_dir / "tensorboard")
     assert acc.Tags()["graph"] and acc.Tags()["images"] == ["train/images"]
     assert len(acc.Histograms("weights/head.1.bias")) == 2
@@ -78,7 +76,7 @@ def test_default_monitor_is_light(tmp_outputs: Path) -> None:
 def test_evaluation_only_run_logs_the_end_of_training_media(full_run: Path, tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "eval"
     best = full_run / "checkpoints" / "best.pt"
-    run_train(run_dir, "train=false", f"ckpt_path={best}", "monitor=full", "monitor.embedding.count=10")
+    train(run_dir, "train=false", f"ckpt_path={best}", "monitor=full", "monitor.embedding.count=10")
     acc = events(run_dir / "tensorboard")
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(acc.Tags()["images"])
     assert {"val/pr_curve/0", "test/pr_curve/9"} <= set(acc.PluginTagToContent("pr_curves"))
@@ -87,7 +85,7 @@ def test_evaluation_only_run_logs_the_end_of_training_media(full_run: Path, tmp_
 
 def test_monitor_none_logs_only_scalars_and_text(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "none"
-    run_train(run_dir, *TINY, "monitor=none")
+    train(run_dir, *TINY, "monitor=none")
     tags = events(run_dir / "tensorboard").Tags()
     assert not tags["graph"] and not tags["images"] and not tags["histograms"]
     assert "train/loss" in tags["scalars"]

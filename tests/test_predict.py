@@ -1,4 +1,4 @@
-"""`predict.py`: train on a folder of generated PNGs through the CLI, then predict those class names."""
+"""`predict.py`: train on a folder of generated PNGs (in-process), then predict those class names (real CLI)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, run_train
+from conftest import ROOT, cli_env, in_process, train
 from test_image_folder import make_images
 
 from lab.errors import UserError
@@ -17,7 +17,7 @@ from lab.predict import predict
 
 def test_train_on_image_folder_then_predict(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images", per_class=12)
-    run_train(tmp_path / "run", "dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
+    train(tmp_path / "run", "dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
               "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "trainer.max_epochs=3",
               "optimizer.lr=0.01")  # fmt: skip
     assert json.loads((tmp_path / "run/class_names.json").read_text())["class_names"] == ["cat", "dog", "fox"]
@@ -40,8 +40,7 @@ def test_train_on_image_folder_then_predict(tmp_path: Path) -> None:
 def test_predict_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="ckpt_path"):
         predict(tmp_path / "missing.pt", tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), "inputs=x.png"], capture_output=True, text=True,
-                          env=cli_env(), timeout=60)  # fmt: skip
+    proc = in_process("predict.py", ["inputs=x.png"])
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: missing argument (ckpt_path): python predict.py ckpt_path=<best.pt> inputs=<image|folder>"
     )

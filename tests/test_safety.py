@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, compose_config, run_train
+from conftest import ROOT, TINY, cli_env, compose_config, train
 from hydra.utils import instantiate
 from torch import nn
 
@@ -132,7 +132,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     # NaN gradients from step 5 on (a test callback). Checkpoints every step, loss checked only every 50: the
     # weight check before each write is what keeps the diverged state (incl. BatchNorm statistics) off the disk.
     run_dir = tmp_path / "run"
-    proc = run_train(run_dir, POISON.format(5), "checkpoint.every_n_steps=1", "trainer.log_every_n_steps=50",
+    proc = train(run_dir, POISON.format(5), "checkpoint.every_n_steps=1", "trainer.log_every_n_steps=50",
                      "trainer.max_epochs=2", check=False, env=POISON_ENV)  # fmt: skip
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -147,7 +147,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_a_diverged_job_is_a_failed_objective_and_the_sweep_goes_on(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_train(None, "hydra.mode=MULTIRUN", POISON.format(2), "callbacks.poison.after_steps=2,1000",
+    proc = train(None, "hydra.mode=MULTIRUN", POISON.format(2), "callbacks.poison.after_steps=2,1000",
                      f"hydra.sweep.dir={sweep}", *TINY, "trainer.log_every_n_steps=1", "logger=none",
                      env=POISON_ENV)  # fmt: skip
     assert proc.returncode == 0
@@ -238,7 +238,7 @@ def test_secrets_from_dotenv_never_reach_a_file_or_the_console(tmp_path: Path) -
     run_dir = tmp_path / "run"
     # The key reaches the config only through `.env` (oc.env fails without it), so the run succeeding proves
     # `.env` was read; a second secret comes straight from the command line.
-    proc = run_train(run_dir, *TINY, "logger=csv", "print_config=true", "+dataset.api_key=${oc.env:LAB_TEST_API_KEY}",
+    proc = train(run_dir, *TINY, "logger=csv", "print_config=true", "+dataset.api_key=${oc.env:LAB_TEST_API_KEY}",
                      f"+dataset.hub_token={other}", cwd=tmp_path, env=cli_env())  # fmt: skip
     assert "api_key" in proc.stdout and MASK in proc.stdout  # the printed config shows the key, masked
     for text in (proc.stdout, proc.stderr):

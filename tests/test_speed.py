@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_train
+from conftest import TINY, train
 
 from lab.config import validate
 from lab.data.loaders import InMemoryLoader, default_num_workers, make_dataloader
@@ -83,21 +83,21 @@ def test_synthetic_data_has_the_requested_shape_and_is_reproducible():
     assert set(a.targets.tolist()) <= set(range(4)) and a.classes == ["0", "1", "2", "3"]
 
 
-def test_synthetic_data_trains_through_the_cli(tmp_path):
+def test_synthetic_data_trains_end_to_end(tmp_path):
     args = ["dataset=synthetic", "dataset.source.num_samples=600", "dataset.image_size=12", "model=mlp",
             "trainer.max_epochs=3", "checkpoint=none", "logger=none"]  # fmt: skip
-    run_train(tmp_path, *args)
+    train(tmp_path, *args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["val/acc"] > 0.5  # learnable: 10 classes, chance is 0.1
 
 
 def final_metrics(run_dir: Path, *overrides: str) -> dict:
-    run_train(run_dir, *TINY, "logger=none", "dataset.num_workers=0", *overrides)
+    train(run_dir, *TINY, "logger=none", "dataset.num_workers=0", *overrides)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
 def model_after(run_dir: Path, *overrides: str) -> dict[str, torch.Tensor]:
-    run_train(run_dir, "trainer.max_epochs=1", "logger=none", "test=false", *overrides)
+    train(run_dir, "trainer.max_epochs=1", "logger=none", "test=false", *overrides)
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 

@@ -1,6 +1,7 @@
-"""Sweeps through the real CLI (`python train.py -m ...`): job dirs, the summary, failures, lab's Optuna sweeper
-(resumable study in SQLite or a journal file, pruning, multi-objective, grid), the parallel and torchrun
-launchers, and the launcher configs (composed; SLURM itself cannot run here)."""
+"""Sweeps (`python train.py -m ...`): job dirs, the summary, failures, lab's Optuna sweeper (resumable study in
+SQLite or a journal file, pruning, multi-objective, grid), the parallel and torchrun launchers, and the launcher
+configs (composed; SLURM itself cannot run here). The grid sweep is a real CLI process; most others run the same
+command line in-process (`conftest.in_process`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, cli_env
+from conftest import CONF, in_process, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,22 +26,20 @@ TINY_JOB = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.li
             "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
 
 
-def multirun(sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`python train.py -m hydra.sweep.dir=<sweep_dir> <tiny job> <overrides>` (`-m` must come first)."""
+def multirun(
+    sweep_dir: Path, *overrides: str, check: bool = True, cli: bool = False
+) -> subprocess.CompletedProcess:
+    """`python train.py -m hydra.sweep.dir=<sweep_dir> <tiny job> <overrides>` (`-m` must come first), in-process
+    unless `cli`."""
     args = [
         "-m",
         "trainer.progress_bar=false",
         "print_config=false",
         f"hydra.sweep.dir={sweep_dir}",
         *TINY_JOB,
+        *overrides,
     ]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, *overrides], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-        )
-    return proc
+    return (run_cli if cli else in_process)("train.py", args, check=check)
 
 
 def read_csv(sweep_dir: Path) -> list[dict[str, str]]:
@@ -56,7 +54,7 @@ def metrics_of(row: dict[str, str]) -> dict:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
-    return sweep_dir, multirun(sweep_dir, "optimizer.lr=1e-3,1e-2", "dataset.batch_size=32,64")
+    return sweep_dir, multirun(sweep_dir, "optimizer.lr=1e-3,1e-2", "dataset.batch_size=32,64", cli=True)
 
 
 def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess]) -> None:

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_train
+from conftest import cli_env, train
 
 
 def free_port() -> int:
@@ -28,7 +28,7 @@ def get_json(url: str):
 @pytest.mark.slow
 def test_tensorboard_serves_the_scalar_tags(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "run"
-    run_train(run_dir, "debug=fast", "monitor=none")
+    train(run_dir, "debug=fast", "monitor=none")
     port = free_port()
     tensorboard = Path(sys.executable).with_name("tensorboard")
     server = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""`python train.py` end to end through the real CLI: the run folder, checkpoints, TensorBoard, metrics."""
+"""`python train.py` end to end: the run folder, checkpoints, TensorBoard, metrics. The tiny run is a real CLI
+process (the one for `train`); the other scenarios run the same command line in-process (`conftest.train`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_train
+from conftest import TINY, run_train, train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -107,7 +108,7 @@ def test_tensorboard_events_have_metrics_and_hparams(tiny_run: Path) -> None:
 
 
 def test_same_seed_deterministic_runs_are_identical(tiny_run: Path, tmp_path: Path) -> None:
-    run_train(tmp_path / "again", *TINY, "trainer.deterministic=true")
+    train(tmp_path / "again", *TINY, "trainer.deterministic=true")
     first = json.loads((tiny_run / "metrics.json").read_text())
     second = json.loads((tmp_path / "again" / "metrics.json").read_text())
     for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
@@ -116,7 +117,7 @@ def test_same_seed_deterministic_runs_are_identical(tiny_run: Path, tmp_path: Pa
 
 def test_evaluate_only_from_a_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
     best = tiny_run / "checkpoints" / "best.pt"
-    run_train(tmp_path / "eval", "train=false", f"ckpt_path={best}")
+    train(tmp_path / "eval", "train=false", f"ckpt_path={best}")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     trained = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["test/acc"] == pytest.approx(trained["test/acc"])
@@ -126,7 +127,7 @@ def test_evaluate_only_from_a_checkpoint(tiny_run: Path, tmp_path: Path) -> None
 
 def test_default_run_reaches_95_percent_test_accuracy(tmp_path: Path) -> None:
     """The README's promise: plain `python train.py` (only the run dir moved) gets >= 0.95 on digits."""
-    run_train(tmp_path / "default")
+    train(tmp_path / "default")
     metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.95 and metrics["epochs"] == 10
 
@@ -134,7 +135,7 @@ def test_default_run_reaches_95_percent_test_accuracy(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides", [["experiment=example"], ["model=mlp", "optimizer=sgd", "scheduler=cosine"],
                                        ["scheduler=onecycle", "logger=csv"], ["debug=fast"]])  # fmt: skip
 def test_other_configurations_train(overrides: list[str], tmp_path: Path) -> None:
-    run_train(tmp_path / "run", *TINY, *overrides)
+    train(tmp_path / "run", *TINY, *overrides)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "success"
     if "logger=csv" in overrides or "experiment=example" in overrides:

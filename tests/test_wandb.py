@@ -1,4 +1,4 @@
-"""The W&B logger through the real CLI in offline mode, read back from the offline run's record log.
+"""The W&B logger through `train.py` (in-process) in offline mode, read back from the offline run's record log.
 
 wandb 0.31 has no Python reader for offline runs any more, so `records()` parses the file format itself: a 7-byte
 file header starting `:W&B`, then 32 KiB blocks of chunks with a `<IHB` (crc, length, type) header; type 1 is a
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cli_env, run_train
+from conftest import TINY, cli_env, run_train, train
 
 wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
@@ -82,7 +82,7 @@ def read_run(path: Path) -> dict:
 
 def test_offline_run_has_config_history_summary_and_checkpoint(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "run"
-    run_train(run_dir, *TINY, "logger=wandb", "logger.wandb.tags=[baseline,tiny]", "logger.wandb.notes=hello",
+    train(run_dir, *TINY, "logger=wandb", "logger.wandb.tags=[baseline,tiny]", "logger.wandb.notes=hello",
               "logger.wandb.log_checkpoints=true")  # fmt: skip
     [path] = offline_runs(run_dir)  # the run directory lives inside the Hydra run dir
     run = read_run(path)
@@ -113,7 +113,7 @@ def test_offline_run_has_config_history_summary_and_checkpoint(tmp_outputs: Path
 def test_log_checkpoints_all_uploads_every_epochs_last_pt(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "all"
     # Synchronous writes: each epoch's last.pt is on disk when the next epoch ends, so the count is exact.
-    run_train(run_dir, *TINY, "trainer.max_epochs=3", "logger=wandb", "logger.wandb.log_checkpoints=all",
+    train(run_dir, *TINY, "trainer.max_epochs=3", "logger=wandb", "logger.wandb.log_checkpoints=all",
               "checkpoint.async_write=false")  # fmt: skip
     [path] = offline_runs(run_dir)
     models = [a for a in read_run(path)["artifacts"] if a.type == "model"]
@@ -127,7 +127,7 @@ def test_no_api_key_no_mode_goes_offline_without_prompting(tmp_path: Path) -> No
     env = {k: v for k, v in cli_env().items() if k not in ("WANDB_MODE", "NETRC")}
     env["HOME"] = str(tmp_path / "home")
     run_dir = tmp_path / "run"
-    proc = run_train(run_dir, "debug=fast", "logger=wandb", env=env, timeout=120)
+    proc = train(run_dir, "debug=fast", "logger=wandb", env=env)
     output = proc.stdout + proc.stderr  # the log goes to the console (stdout) and train.log
     lines = [line for line in output.splitlines() if "wandb sync" in line and "offline" in line]
     assert len(lines) == 1 and "no W&B API key" in lines[0], output[-3000:]
@@ -141,7 +141,7 @@ def test_key_but_no_network_falls_back_to_offline(tmp_path: Path) -> None:
     env = {k: v for k, v in cli_env().items() if k != "WANDB_MODE"}
     env |= {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     run_dir = tmp_path / "run"
-    run_train(run_dir, "debug=fast", "logger=wandb", "logger.wandb.init_timeout=5", env=env, timeout=180)
+    train(run_dir, "debug=fast", "logger=wandb", "logger.wandb.init_timeout=5", env=env)
     log = (run_dir / "train.log").read_text()
     assert "W&B online start failed" in log and "wandb sync" in log
     [path] = offline_runs(run_dir)
@@ -150,14 +150,14 @@ def test_key_but_no_network_falls_back_to_offline(tmp_path: Path) -> None:
 
 def test_resume_continues_the_same_wandb_run(tmp_outputs: Path) -> None:
     first, second = tmp_outputs / "first", tmp_outputs / "second"
-    run_train(first, "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
+    train(first, "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
               "logger=wandb")  # fmt: skip
     [path] = offline_runs(first)
     run_id = read_run(path)["run"].run_id
     state = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
     assert state["loggers"] == {"wandb": {"id": run_id}}
 
-    run_train(second, "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
+    train(second, "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
               "logger=wandb", f"ckpt_path={first / 'checkpoints' / 'last.pt'}")  # fmt: skip
     [path] = offline_runs(second)
     resumed = read_run(path)
@@ -167,7 +167,7 @@ def test_resume_continues_the_same_wandb_run(tmp_outputs: Path) -> None:
 
 def test_each_multirun_job_is_its_own_run_grouped_by_sweep(tmp_outputs: Path) -> None:
     sweep_dir = tmp_outputs / "sweep"
-    run_train(
+    train(
         None,
         "hydra.mode=MULTIRUN",
         f"hydra.sweep.dir={sweep_dir}",
@@ -182,7 +182,7 @@ def test_each_multirun_job_is_its_own_run_grouped_by_sweep(tmp_outputs: Path) ->
 
 
 def test_unknown_mode_is_a_one_line_error(tmp_outputs: Path) -> None:
-    proc = run_train(
+    proc = train(
         tmp_outputs / "bad", "debug=fast", "logger=wandb", "logger.wandb.mode=sometimes", check=False
     )
     assert proc.returncode == 2
@@ -196,7 +196,7 @@ def test_unknown_mode_is_a_one_line_error(tmp_outputs: Path) -> None:
 
 def test_wandb_not_imported_unless_chosen(tmp_outputs: Path) -> None:
     env = cli_env(PYTHONPROFILEIMPORTTIME="1")
-    proc = run_train(tmp_outputs / "plain", "debug=fast", env=env)
+    proc = run_train(tmp_outputs / "plain", "debug=fast", env=env)  # imports: a real process
     imported = {
         line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line
     }
