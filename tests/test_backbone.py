@@ -176,5 +176,5 @@ def test_every_model_config_resolves_as_cfg_job_resolve_does(tmp_path: Path) -> 
         cfg = compose_config([f"model={option}"], tmp_path)
         OmegaConf.resolve(cfg)
         assert len(cfg.dataset.mean) == cfg.dataset.channels, option
-    proc = run_train(None, "model=vgg19_frozen", "--cfg", "job", "--resolve")
+    proc = train(None, "model=vgg19_frozen", "--cfg", "job", "--resolve")
     assert "mean:\n  - 0.485" in proc.stdout and "Traceback" not in proc.stderr

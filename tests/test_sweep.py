@@ -11,10 +11,11 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, in_process, run_cli
+from conftest import CONF, ROOT, cli_env, in_process, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
