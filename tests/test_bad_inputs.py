@@ -74,8 +74,8 @@ CASES = [
     Case(
         "metric_value_rejected",
         (
-            "+task.metrics.f1={_target_:torchmetrics.classification.MulticlassF1Score,"
-            "num_classes:10,average:macroo}",
+            "+task.metrics.f1={{_target_:torchmetrics.classification.MulticlassF1Score,"
+            "num_classes:10,average:macroo}}",
         ),
         "task",
     ),

@@ -112,12 +112,15 @@ def test_data_options_compose(option: str, tmp_path: Path) -> None:
         overrides.append(f"dataset.root={tmp_path / 'images'}")
     if option == "diabetes":  # a table with a real-valued target
         overrides += ["task=regression", "model=mlp"]
+    if option == "wine":  # a table with classes
+        overrides += ["model=mlp"]
     cfg = compose_config(overrides, tmp_path)
     validate(cfg)
     if "image_size" in cfg.dataset:
         assert cfg.dataset.num_classes > 1 and len(cfg.dataset.mean) == len(cfg.dataset.std)
     else:
-        assert list(cfg.task.input_shape) == [cfg.dataset.num_features] and cfg.model.num_outputs == 1
+        assert list(cfg.task.input_shape) == [cfg.dataset.num_features]
+        assert cfg.model.num_outputs == cfg.dataset.get("num_classes", 1)
 
 
 def test_experiment_and_debug_override_several_groups(tmp_path: Path) -> None:

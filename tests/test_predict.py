@@ -42,5 +42,5 @@ def test_predict_errors(tmp_path: Path) -> None:
         predict(tmp_path / "missing.pt", tmp_path)
     proc = in_process("predict.py", ["inputs=x.png"])
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: missing argument (ckpt_path): python predict.py ckpt_path=<best.pt> inputs=<image|folder>"
+        "error: missing argument (ckpt_path): python predict.py ckpt_path=<best.pt> inputs=<image|folder|table.csv>"
     )
