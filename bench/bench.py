@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import lab  # noqa: E402, F401  (registers resolvers)
 from lab import trainer as lab_trainer  # noqa: E402
 from lab.data import build_data  # noqa: E402
+from lab.optim import OPTIMIZER_KEYS  # noqa: E402
 from lab.train import run  # noqa: E402
 
 # Targets on the CPU: lab / hand-written.
@@ -76,7 +77,8 @@ def handwritten(cfg, splits, epochs: int, device: torch.device) -> float:
     model = instantiate(cfg.model).to(device)
     # The same optimizer and hyper-parameters, with torch's default implementation (what a hand-written loop
     # gets); lab's configs choose `fused: true`, which is part of what is measured.
-    optimizer = instantiate(cfg.optimizer, fused=None)(model.parameters())
+    torch_args = {k: v for k, v in cfg.optimizer.items() if k not in OPTIMIZER_KEYS}  # lab's own keys left out
+    optimizer = instantiate(torch_args, fused=None)(model.parameters())
     workers = cfg.dataset.num_workers or 0
     pin = device.type == "cuda"
     common = dict(

@@ -41,6 +41,13 @@ class Sums:
         for metric in self.metrics.values():
             metric.update(outputs, targets)
 
+    def merge(self, other: Sums) -> None:
+        """Add `other`'s sums and metric states (torchmetrics' `merge_state`)."""
+        self.loss += other.loss
+        self.count += other.count
+        for name, metric in self.metrics.items():
+            metric.merge_state(other.metrics[name])
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss": self.loss.detach().cpu(),
@@ -79,11 +86,24 @@ class Metrics:
         self.task, self.device = task, device
         self.epoch = Sums(task, device)
         self.window = Sums(task, device) if window else None
+        # Batches go into the window alone, which is merged into the epoch when it is logged; metrics that cannot
+        # merge states (`full_state_update`) are updated twice instead.
+        self.merging = window and all(
+            m.full_state_update is False and not m.dist_sync_on_step for m in task.metrics.values()
+        )
         self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def reset(self) -> None:
+        """Empty again, keeping the metric objects (copying them anew costs more than an epoch of a small model)."""
+        self.pending = []
+        for sums in (self.epoch, self.window):
+            if sums is not None:
+                sums.reset()
 
     @property
     def count(self) -> int:
-        return self.epoch.count + sum(len(t) for _, _, t in self.pending)
+        window = self.window.count if self.merging else 0
+        return self.epoch.count + window + sum(len(t) for _, _, t in self.pending)
 
     def update(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
         self.pending.append((loss.detach(), outputs.detach(), targets))
@@ -101,12 +121,19 @@ class Metrics:
         )
         loss_sum = (torch.stack(losses).float() * sizes).sum()
         outputs, targets = torch.cat(outputs).float(), self.task.metric_targets(torch.cat(targets))
-        for sums in (self.epoch, self.window):
+        for sums in (self.window,) if self.merging else (self.epoch, self.window):
             if sums is not None:
                 sums.add(loss_sum, len(targets), outputs, targets)
 
+    def end_window(self) -> None:
+        if self.merging:
+            self.epoch.merge(self.window)
+        self.window.reset()
+
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         self.fold()
+        if self.merging and self.window.count:
+            self.end_window()
         return self.epoch.compute(stage, reduce)
 
     def compute_window(
@@ -115,7 +142,7 @@ class Metrics:
         """The window's values; the window starts again empty."""
         self.fold()
         values = self.window.compute(stage, reduce)
-        self.window.reset()
+        self.end_window()
         return values
 
     def state_dict(self) -> dict[str, Any]:

@@ -45,7 +45,8 @@ class Monitor:
         self.mean = torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1)
         self.fixed_batch: tuple[Tensor, Tensor] | None = None
-        self.histogram_epoch: int | None = None  # the last epoch that got weight/gradient histograms
+        self.histogram_epoch: int | None = None
+        self.epoch_batches = 0  # training batches in the current epoch (set at its start)  # the last epoch that got weight/gradient histograms
         self.batches_are_images = True  # false for tables, or a frozen backbone's cached features
         self.figures: frozenset[str] = frozenset()  # what the task can draw (set at the start)
         self.class_names: list[str] = []
@@ -114,6 +115,12 @@ class Monitor:
             x, _ = self.first_samples(trainer, "train", cfg.train_images.count)
             loggers.log_images("train/images", upscale(self.images(x)), step)
 
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        from lab.trainer import limit_batches
+
+        # Read once per epoch: an OmegaConf lookup in every step would cost more than the check itself.
+        self.epoch_batches = limit_batches(trainer.cfg.limit_train_batches, len(trainer.loaders["train"]))
+
     def on_after_backward(self, trainer: Any) -> None:
         """Every `every_n_steps`, and on an epoch's last step when none was due in it: short runs show them too."""
         step = trainer.state.global_step + 1  # the optimizer step about to be taken, as in log_metrics
@@ -121,7 +128,7 @@ class Monitor:
             return
         epoch = trainer.state.epoch
         if not due(self.cfg.histograms.every_n_steps, step) and not (
-            self.histogram_epoch != epoch and last_batch_of_epoch(trainer)
+            self.histogram_epoch != epoch and trainer.state.batch_in_epoch >= self.epoch_batches
         ):
             return
         self.histogram_epoch = epoch
@@ -211,13 +218,6 @@ def default_settings() -> DictConfig:
     off = {"enabled": False, "every_n_epochs": None, "every_n_steps": None, "count": 0}
     names = ("train_images", "histograms", "predictions", "confusion_matrix", "pr_curves", "embedding")
     return OmegaConf.create({"graph": False, "stages": [], **{name: off for name in names}})
-
-
-def last_batch_of_epoch(trainer: Any) -> bool:
-    from lab.trainer import limit_batches
-
-    total = limit_batches(trainer.cfg.limit_train_batches, len(trainer.loaders["train"]))
-    return trainer.state.batch_in_epoch >= total
 
 
 def upscale(images: Tensor, min_size: int = 64) -> Tensor:

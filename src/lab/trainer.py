@@ -129,6 +129,7 @@ class Trainer:
         # Running sums of the epoch in progress and of the logging window; saved in mid-epoch checkpoints so a
         # resumed epoch reports the same train metrics as an uninterrupted one.
         self.train_metrics = Metrics(task, device, window=True)
+        self.eval_metrics = Metrics(task, device)
         self.resumed_metrics: dict[str, Any] | None = None
         self.reduce = reduce  # sums a tensor over the DDP ranks (None: one process)
         self.mix = mix  # MixUp/CutMix of each training batch (`mix=...`): class indices become soft targets
@@ -335,7 +336,8 @@ class Trainer:
         clip = cfg.gradient_clip_val
         model.train()
         loader.set_epoch(state.epoch)
-        self.train_metrics = metrics = Metrics(task, self.device, window=True)
+        metrics = self.train_metrics
+        metrics.reset()
         if self.resumed_metrics is not None:  # mid-epoch resume: the sums of the batches already done
             metrics.load_state_dict(self.resumed_metrics)
             self.resumed_metrics = None
@@ -482,7 +484,8 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, stage: str, limit: int | float | None = None) -> dict[str, float]:
-        metrics = Metrics(self.task, self.device)
+        metrics = self.eval_metrics
+        metrics.reset()
         for outputs, loss, y in self.outputs(stage, limit, progress=True):
             metrics.update(loss, outputs, y)
         return metrics.compute(stage, self.reduce)
