@@ -77,7 +77,9 @@ def handwritten(cfg, splits, epochs: int, device: torch.device) -> float:
     model = instantiate(cfg.model).to(device)
     # The same optimizer and hyper-parameters, with torch's default implementation (what a hand-written loop
     # gets); lab's configs choose `fused: true`, which is part of what is measured.
-    torch_args = {k: v for k, v in cfg.optimizer.items() if k not in OPTIMIZER_KEYS}  # lab's own keys left out
+    torch_args = {
+        k: v for k, v in cfg.optimizer.items() if k not in OPTIMIZER_KEYS
+    }  # lab's own keys left out
     optimizer = instantiate(torch_args, fused=None)(model.parameters())
     workers = cfg.dataset.num_workers or 0
     pin = device.type == "cuda"

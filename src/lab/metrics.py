@@ -22,9 +22,10 @@ from lab.tasks import Task
 class Sums:
     """The loss sum, sample count and metric states of one span (an epoch, a logging window, a split)."""
 
-    def __init__(self, task: Task, device: torch.device) -> None:
+    def __init__(self, task: Task, device: torch.device, loss_only: bool = False) -> None:
         self.device = device
-        self.metrics = {name: copy.deepcopy(m).to(device) for name, m in task.metrics.items()}
+        metrics = {} if loss_only else task.metrics
+        self.metrics = {name: copy.deepcopy(m).to(device) for name, m in metrics.items()}
         for metric in self.metrics.values():
             metric.persistent(True)  # their states are part of a mid-epoch checkpoint
         self.reset()
@@ -40,13 +41,6 @@ class Sums:
         self.count += count
         for metric in self.metrics.values():
             metric.update(outputs, targets)
-
-    def merge(self, other: Sums) -> None:
-        """Add `other`'s sums and metric states (torchmetrics' `merge_state`)."""
-        self.loss += other.loss
-        self.count += other.count
-        for name, metric in self.metrics.items():
-            metric.merge_state(other.metrics[name])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -78,19 +72,16 @@ class Sums:
 
 
 class Metrics:
-    """`epoch` sums, and optionally `window` sums that the loop logs and resets every `log_every_n_steps`."""
+    """`epoch` sums (loss and metrics), and optionally `window` sums of the loss alone, which the loop logs and
+    resets every `log_every_n_steps` (the task's metrics are logged per epoch: over a few steps they are noise, and
+    updating them twice would cost the loop more than their value)."""
 
     FOLD_EVERY = 32
 
     def __init__(self, task: Task, device: torch.device, window: bool = False) -> None:
         self.task, self.device = task, device
         self.epoch = Sums(task, device)
-        self.window = Sums(task, device) if window else None
-        # Batches go into the window alone, which is merged into the epoch when it is logged; metrics that cannot
-        # merge states (`full_state_update`) are updated twice instead.
-        self.merging = window and all(
-            m.full_state_update is False and not m.dist_sync_on_step for m in task.metrics.values()
-        )
+        self.window = Sums(task, device, loss_only=True) if window else None
         self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def reset(self) -> None:
@@ -102,8 +93,7 @@ class Metrics:
 
     @property
     def count(self) -> int:
-        window = self.window.count if self.merging else 0
-        return self.epoch.count + window + sum(len(t) for _, _, t in self.pending)
+        return self.epoch.count + sum(len(t) for _, _, t in self.pending)
 
     def update(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
         self.pending.append((loss.detach(), outputs.detach(), targets))
@@ -121,19 +111,12 @@ class Metrics:
         )
         loss_sum = (torch.stack(losses).float() * sizes).sum()
         outputs, targets = torch.cat(outputs).float(), self.task.metric_targets(torch.cat(targets))
-        for sums in (self.window,) if self.merging else (self.epoch, self.window):
+        for sums in (self.epoch, self.window):
             if sums is not None:
                 sums.add(loss_sum, len(targets), outputs, targets)
 
-    def end_window(self) -> None:
-        if self.merging:
-            self.epoch.merge(self.window)
-        self.window.reset()
-
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         self.fold()
-        if self.merging and self.window.count:
-            self.end_window()
         return self.epoch.compute(stage, reduce)
 
     def compute_window(
@@ -142,7 +125,7 @@ class Metrics:
         """The window's values; the window starts again empty."""
         self.fold()
         values = self.window.compute(stage, reduce)
-        self.end_window()
+        self.window.reset()
         return values
 
     def state_dict(self) -> dict[str, Any]:
