@@ -31,6 +31,7 @@ class Case:
 # `{d}` is the fixture folder, `{good}` the earlier good run.
 CASES = [
     Case("unknown_group_option", ("model=nope",), "model"),
+    Case("group_added_with_plus", ("+dataset=mnist",), "dataset=<option>, without +"),
     Case("unknown_scheduler_option", ("scheduler=warp",), "scheduler"),
     Case("unknown_key", ("trainer.nope=1",), "trainer.nope"),
     Case("epochs_not_int", ("trainer.max_epochs=abc",), "trainer.max_epochs"),

@@ -355,6 +355,12 @@ def composition_error(error: BaseException) -> UserError:
         options = [line.strip() for line in listed.splitlines()[1:] if line.strip()]
         return UserError(f"unknown option {option!r}", group,
                          f"use one of {', '.join(options)}" if options else "")  # fmt: skip
+    chosen = re.search(r"Multiple values for ([\w/]+)", text)
+    if chosen:  # `+dataset=mnist` where the defaults already choose a dataset
+        group = chosen.group(1)
+        return UserError(
+            f"{group} is chosen already by the defaults", group, f"use {group}=<option>, without +"
+        )
     key = getattr(cause, "full_key", None) or ""
     message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
