@@ -4,6 +4,7 @@ Scenarios run in-process (Hydra's compose API + `lab.train.run`)."""
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,19 @@ def test_tables_and_cached_features_are_refused_with_one_line(tmp_path: Path, ca
         "error: cannot cache features: augment augments the images of every batch (model.cache_features): "
         "use model.cache_features=auto or false, or leave augment unset"
     )
+
+
+def test_resuming_mid_epoch_draws_what_the_uninterrupted_epoch_drew(tmp_path: Path) -> None:
+    loader = loaders_for(tmp_path / "r", "augment=trivial")["train"]
+    torch.manual_seed(7)
+    full = list(loader.batches(0, 4))
+    torch.manual_seed(7)
+    list(loader.batches(0, 2))
+    state = torch.get_rng_state()  # what last.pt saves after batch 2
+    torch.manual_seed(99)  # a fresh process
+    torch.set_rng_state(state)
+    resumed = list(loader.batches(2, 4))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[2:], resumed, strict=True))
+    torch.set_rng_state(state)  # skipping by augmenting and dropping would draw for the skipped batches
+    naive = list(islice(loader, 2, 4))
+    assert not torch.equal(naive[0][0], full[2][0])

@@ -9,6 +9,7 @@ normalised again. Validation and test batches are never augmented: only the `tra
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 import torch
 from torch import Tensor
@@ -45,5 +46,10 @@ class AugmentedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for x, y in self.loader:
+        return self.batches(0, None)
+
+    def batches(self, start: int, stop: int | None) -> Iterator[Batch]:
+        """Batches `start:stop`; the skipped ones are not augmented, so a run resumed mid-epoch (global RNG
+        restored from the checkpoint) draws exactly what the uninterrupted run drew."""
+        for x, y in islice(self.loader, start, stop):
             yield self.augment(x), y
