@@ -149,10 +149,10 @@ def reference(references) -> Path:
 # The in-memory fast path and a classic DataLoader (DistributedSampler, skipped batches on resume); a frozen
 # backbone from a weights file, whose lean checkpoints hold the head and the backbone's fingerprint only; and the
 # training recipes (docs/recipes.md) together: EMA weights, MixUp/CutMix, label smoothing, validation twice an
-# epoch, parameter groups.
+# epoch, parameter groups, augment presets.
 RECIPES = ["callbacks=[default,ema]", "callbacks.ema.decay=0.9", "mix=mixup_cutmix", "task.loss.label_smoothing=0.1",
            "trainer.val_check_interval=0.5", "optimizer=adamw", "optimizer.no_weight_decay=true",
-           "optimizer.layer_decay=0.8"]  # fmt: skip
+           "optimizer.layer_decay=0.8", "augment=trivial"]  # fmt: skip
 LOADERS = {
     "in_memory": [],
     "dataloader": ["dataset.in_memory=false"],

@@ -182,11 +182,16 @@ def build(cfg: DictConfig) -> Job:
     splits = build_data(cfg.dataset)
     task = build_object(cfg.task, "task")
     mix = build_mix(cfg, task)
+    augment = build_augment(cfg, task, splits)
     ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
     check_monitor(
         cfg.checkpoint.monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])]
     )
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
+    if augment is not None:  # training batches only: validation and test stay as they are
+        from lab.data.augment import AugmentedLoader
+
+        loaders["train"] = AugmentedLoader(loaders["train"], augment)
     model = build_model(cfg.model)
     if resume is not None:  # training continues from the trained weights, evaluation uses the inference ones
         ckpt.restore_model(
@@ -240,6 +245,25 @@ def build_mix(cfg: DictConfig, task: Any) -> Any:
     return build_object(node, "mix")
 
 
+def build_augment(cfg: DictConfig, task: Any, splits: Any) -> Any:
+    """`augment=<preset>`: torchvision.transforms.v2 image augmentation of each training image (`BatchAugment`)."""
+    from lab.config import build as build_object
+    from lab.data.augment import BatchAugment
+
+    node = cfg.get("augment")
+    if not node:
+        return None
+    shape = list(getattr(task, "input_shape", None) or [])
+    if "image_size" not in cfg.dataset or len(shape) != 3:
+        raise UserError(f"augment presets transform images (C, H, W); {cfg.dataset.name}'s inputs are {shape}",
+                        "augment", "leave augment unset (augment=null) for this dataset")  # fmt: skip
+    splits.extra["augmented"] = True  # the training images change every epoch: no cached features
+    transform = build_object(node, "augment")
+    log.info("augment: %s on each training image, per batch on the training device (val/test as they are)",
+             type(transform).__name__)  # fmt: skip
+    return BatchAugment(transform, list(cfg.dataset.mean), list(cfg.dataset.std))
+
+
 def cached_features_head(
     cfg: DictConfig, model: Any, splits: Any, device: Any, ddp: Any, loaders: dict
 ) -> Any:
@@ -250,12 +274,14 @@ def cached_features_head(
 
     if not isinstance(model, Backbone):
         return None
-    if cfg.get("mix"):  # images are mixed per batch: their features change every epoch
+    for key, what in (("mix", "mixes"), ("augment", "augments")):
+        if not cfg.get(key):  # images mixed or augmented per batch: their features change every epoch
+            continue
         if str(model.cache_features) == "True":
-            raise UserError("cannot cache features: mix mixes the images of every batch", "model.cache_features",
-                            "use model.cache_features=auto or false, or leave mix unset")  # fmt: skip
+            raise UserError(f"cannot cache features: {key} {what} the images of every batch", "model.cache_features",
+                            f"use model.cache_features=auto or false, or leave {key} unset")  # fmt: skip
         if str(model.cache_features) == "auto" and model.can_cache_features():
-            log.info("model.cache_features=auto: off, since mix changes the images of every batch")
+            log.info("model.cache_features=auto: off, since %s changes the images of every batch", key)
         return None
     if not use_cache(model, splits):
         return None

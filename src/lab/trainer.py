@@ -358,7 +358,9 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
-        batches = islice(loader, start, num_batches)
+        # An augmenting loader skips without augmenting (no RNG draws): a resumed epoch continues exactly.
+        skip = getattr(loader, "batches", None)
+        batches = skip(start, num_batches) if skip is not None else islice(loader, start, num_batches)
         progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
         mix = self.mix
         for index, (x, y) in enumerate(progress, start=start):
