@@ -35,7 +35,9 @@ def only_run_dir(log_dir: Path) -> Path:
     return runs[0]
 
 
-ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1"]
+# EMA weights on: each rank averages its own (identical) weights, which must equal one process's average.
+ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1",
+            "callbacks=[default,ema]", "callbacks.ema.warmup=false", "callbacks.ema.decay=0.5"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,15 @@ def test_two_process_ddp_step_equals_one_process_with_the_global_batch(one_step:
     assert set(ddp["model"]) == set(single["model"])  # the unwrapped model's keys (no "module." prefix)
     for key, value in single["model"].items():
         torch.testing.assert_close(ddp["model"][key], value, atol=1e-6, rtol=1e-5)
+    ema, single_ema = ddp["callbacks"]["ema"], single["callbacks"]["ema"]
+    assert ema["updates"] == single_ema["updates"] == 1
+    for key, value in single_ema["weights"].items():
+        torch.testing.assert_close(ema["weights"][key], value, atol=1e-6, rtol=1e-5)
+    # Metrics under DDP: each rank evaluates its shard, torchmetrics and the loss sum are reduced over both.
+    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
+    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    for key in ("val/loss", "val/acc", "test/loss", "test/acc", "test/acc_top5"):
+        assert ddp_metrics[key] == pytest.approx(single_metrics[key], rel=1e-4), key  # sums in another order
 
     # The training loss of that step is all-reduced over both halves of the batch: the one-process value.
     ddp_loss = (run_dir / "metrics.csv").read_text().splitlines()

@@ -170,7 +170,7 @@ class Monitor:
             was_training = trainer.model.training
             trainer.model.eval()
             with trainer.autocast():
-                preds = trainer.forward_model(trainer.prepare(x)).argmax(1).cpu()
+                preds = trainer.eval_model(trainer.prepare(x)).argmax(1).cpu()
             trainer.model.train(was_training)
         figure = predictions_figure(self.images(x), preds, y.cpu(), self.class_names)
         trainer.loggers.log_figure("val/predictions", figure, trainer.state.global_step)

@@ -113,6 +113,14 @@ class Trainer:
         # either; compiled when `trainer.compile`.
         forward_model = model if forward_model is None else forward_model
         self.forward_model: nn.Module = torch.compile(forward_model) if cfg.compile else forward_model
+        # Evaluation runs without the DDP wrapper: each rank evaluates its own shard (sizes may differ by one) and
+        # only the metric sums are reduced, so no collective op of the wrapper may run per batch.
+        unwrapped = getattr(forward_model, "module", forward_model) if isinstance(
+            forward_model, nn.parallel.DistributedDataParallel) else forward_model  # fmt: skip
+        if unwrapped is forward_model:
+            self.eval_model = self.forward_model
+        else:
+            self.eval_model = torch.compile(unwrapped) if cfg.compile else unwrapped
         self.optimizer, self.schedulers = optimizer, schedulers
         self.loaders, self.loggers, self.checkpointer = loaders, loggers, checkpointer
         self.device = device
@@ -476,7 +484,7 @@ class Trainer:
         self, stage: str, limit: int | float | None = None, progress: bool = False
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(outputs, loss, targets) of each batch of a split in eval mode, up to `limit` batches."""
-        loader, model = self.loaders[stage], self.forward_model
+        loader, model = self.loaders[stage], self.eval_model
         num_batches = limit_batches(limit, len(loader))
         batches = islice(loader, num_batches)
         if progress:

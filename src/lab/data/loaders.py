@@ -48,15 +48,18 @@ class InMemoryLoader:
             return None  # plain slices: views, no copy
         else:
             indices = torch.arange(n)
-        if self.world_size > 1:  # equal shards, like DistributedSampler (pad by wrapping around)
+        if self.world_size > 1 and self.shuffle:  # equal shards, like DistributedSampler (pad by wrapping around)
             per_rank = -(-n // self.world_size)
             indices = torch.cat([indices, indices[: per_rank * self.world_size - n]])
+        if self.world_size > 1:  # evaluation: every sample exactly once over the ranks (shards differ by one)
             indices = indices[self.rank :: self.world_size]
         return indices.to(self.inputs.device)
 
     def _num_samples(self) -> int:
         n = len(self.targets)
-        return n if self.world_size == 1 else -(-n // self.world_size)
+        if self.world_size == 1:
+            return n
+        return -(-n // self.world_size) if self.shuffle else len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
         return -(-self._num_samples() // self.batch_size)
@@ -126,7 +129,10 @@ def make_dataloader(
 ) -> DeviceLoader:
     if num_workers is None:
         num_workers = default_num_workers()
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    if shuffle or world_size == 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    else:  # evaluation: every sample exactly once over the ranks, no padding that would count one twice
+        sampler = range(rank, len(dataset), world_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
