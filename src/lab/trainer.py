@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lab import checkpoint as ckpt
+from lab.data.augment import AugmentedLoader
 from lab.metrics import Metrics
 from lab.optim import Schedulers
 from lab.tasks import Task
@@ -367,8 +368,10 @@ class Trainer:
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
         # An augmenting loader skips without augmenting (no RNG draws): a resumed epoch continues exactly.
-        skip = getattr(loader, "batches", None)
-        batches = skip(start, num_batches) if skip is not None else islice(loader, start, num_batches)
+        if isinstance(loader, AugmentedLoader):
+            batches = loader.batches(start, num_batches)
+        else:
+            batches = islice(loader, start, num_batches)
         progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
         mix = self.mix
         for index, (x, y) in enumerate(progress, start=start):
