@@ -91,10 +91,6 @@ class Metrics:
             if sums is not None:
                 sums.reset()
 
-    @property
-    def count(self) -> int:
-        return self.epoch.count + sum(len(t) for _, _, t in self.pending)
-
     def update(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
         self.pending.append((loss.detach(), outputs.detach(), targets))
         if len(self.pending) >= self.FOLD_EVERY:

@@ -35,11 +35,13 @@ def image_paths(inputs: str | Path) -> list[Path]:
     return paths
 
 
-def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any], list[str]]:
+def load_model(
+    ckpt_path: str | Path, device: Any, state: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any], list[str]]:
     """The model in eval mode, its resolved config and its class names.
 
     `ckpt_path` is a lab checkpoint (full or lean) or an exported `model.pt`, whose config and class names are
-    the `config.yaml` and `class_names.json` written beside it by `export.py`.
+    the `config.yaml` and `class_names.json` written beside it by `export.py`. `state`: the file, already loaded.
     """
     import json
 
@@ -47,7 +49,7 @@ def load_model(ckpt_path: str | Path, device: Any) -> tuple[Any, dict[str, Any],
     from lab.models import build_model
 
     where = f"ckpt_path={ckpt_path}"
-    state = ckpt.load(ckpt_path)
+    state = ckpt.load(ckpt_path) if state is None else state
     config, class_names = state.get("config"), state.get("class_names")
     beside = Path(str(ckpt_path)).parent
     if config is None and (beside / "config.yaml").is_file():  # an exported model.pt
@@ -127,8 +129,9 @@ def predict_table(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5,
             f"not a table of numbers ({e})", f"inputs={path}", "one row of numbers per line"
         ) from None
     torch_device = resolve_device(device)
-    model, config, class_names = load_model(ckpt_path, torch_device)
-    stats = ckpt.load(ckpt_path).get("standardize")
+    state = ckpt.load(ckpt_path)
+    model, config, class_names = load_model(ckpt_path, torch_device, state)
+    stats = state.get("standardize")
     features = int(config["dataset"].get("num_features", rows.shape[1]))
     if rows.shape[1] != features:
         raise UserError(f"rows have {rows.shape[1]} values, the model takes {features}", f"inputs={path}", "")

@@ -80,12 +80,6 @@ def limit_batches(limit: int | float | None, num_batches: int) -> int:
     return min(num_batches, limit)
 
 
-def epoch_train_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """What is logged of an epoch's train metrics: the task's metrics (`train/acc`, ...); `train/loss` is logged
-    every `log_every_n_steps` over the steps since the last log."""
-    return {name: value for name, value in metrics.items() if name != "train/loss"}
-
-
 class Trainer:
     def __init__(
         self,
@@ -282,9 +276,7 @@ class Trainer:
                     self.validate(train_metrics, epoch_end=True)
                 else:  # no validation this epoch: last.pt and the epoch-wise scheduler all the same
                     self.schedulers.step_after_epoch(train_metrics)
-                    self.loggers.log_metrics({**epoch_train_metrics(train_metrics), "epoch": state.epoch,
-                                              "epoch_time": time.perf_counter() - self.epoch_start},
-                                             state.global_step)  # fmt: skip
+                    self.loggers.log_metrics(self.epoch_record(train_metrics), state.global_step)
                     if self.checkpointer.enabled:
                         self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, None, False)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
@@ -320,6 +312,12 @@ class Trainer:
             return False
         return True
 
+    def epoch_record(self, train_metrics: dict[str, float]) -> dict[str, float]:
+        """What is logged when an epoch ends: its train metrics (`train/acc`, ...; `train/loss` is logged every
+        `log_every_n_steps` over the steps since the last log), the epoch and its wall time."""
+        record = {name: value for name, value in train_metrics.items() if name != "train/loss"}
+        return {**record, "epoch": self.state.epoch, "epoch_time": time.perf_counter() - self.epoch_start}
+
     def validate(self, train_metrics: dict[str, float], epoch_end: bool) -> None:
         """Evaluate the val split, keep the best, log, run the callbacks and write the checkpoints."""
         state = self.state
@@ -333,8 +331,7 @@ class Trainer:
             state.best = value
         if epoch_end:
             self.schedulers.step_after_epoch(epoch_metrics)
-            extra = {**epoch_train_metrics(train_metrics), "epoch": state.epoch,
-                     "epoch_time": time.perf_counter() - self.epoch_start}  # fmt: skip
+            extra = self.epoch_record(train_metrics)
             where = f"epoch {state.epoch}/{self.cfg.max_epochs}"
         else:
             extra = {"epoch": state.epoch}
