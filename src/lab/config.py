@@ -251,8 +251,8 @@ def validate(cfg: DictConfig) -> None:
     if get(cfg, "dataset.test_fraction") is not None:
         fraction(cfg, "dataset.test_fraction")
     if get(cfg, "dataset.image_size") is not None:
-        number_in(cfg, "dataset.image_size", 1, 4096, " pixels")
         positive_int(cfg, "dataset.image_size")
+        number_in(cfg, "dataset.image_size", 0, 4096, " pixels")  # 1..4096 with the line above
         positive_int(cfg, "dataset.channels")
     # Learning rates above 1 make every optimizer lab ships diverge (loss growing for the whole run).
     number_in(cfg, "optimizer.lr", 0, 1, " (a learning rate)")
