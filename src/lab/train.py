@@ -274,16 +274,8 @@ def cached_features_head(
 
     if not isinstance(model, Backbone):
         return None
-    for key, what in (("mix", "mixes"), ("augment", "augments")):
-        if not cfg.get(key):  # images mixed or augmented per batch: their features change every epoch
-            continue
-        if str(model.cache_features) == "True":
-            raise UserError(f"cannot cache features: {key} {what} the images of every batch", "model.cache_features",
-                            f"use model.cache_features=auto or false, or leave {key} unset")  # fmt: skip
-        if str(model.cache_features) == "auto" and model.can_cache_features():
-            log.info("model.cache_features=auto: off, since %s changes the images of every batch", key)
-        return None
-    if not use_cache(model, splits):
+    per_batch = [(key, what) for key, what in (("mix", "mixes"), ("augment", "augments")) if cfg.get(key)]
+    if not use_cache(model, splits, per_batch):
         return None
     loaders |= cached_loaders(
         model, splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size,

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,21 @@ from lab.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def use_cache(model: nn.Module, splits: DataSplits) -> bool:
-    """`cache_features`: true → must be possible, auto → when possible, false → never."""
+def use_cache(model: nn.Module, splits: DataSplits, per_batch: Sequence[tuple[str, str]] = ()) -> bool:
+    """`cache_features`: true → must be possible, auto → when possible, false → never.
+
+    `per_batch`: the (key, verb) of each batch transform that is on, e.g. `("mix", "mixes")`: the images of every
+    batch change, so features cannot be computed once.
+    """
     mode = str(getattr(model, "cache_features", False))
     if mode == "False":
+        return False
+    for key, what in per_batch:
+        if mode == "True":
+            raise UserError(f"cannot cache features: {key} {what} the images of every batch", "model.cache_features",
+                            f"use model.cache_features=auto or false, or leave {key} unset")  # fmt: skip
+        if model.can_cache_features():
+            log.info("model.cache_features=auto: off, since %s changes the images of every batch", key)
         return False
     augmented = bool(splits.extra.get("augmented"))
     possible = model.can_cache_features() and not augmented
