@@ -11,6 +11,7 @@ writes files.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -44,6 +45,10 @@ def _init_process_group() -> None:
     if missing:
         raise UserError(f"{' and '.join(missing)} not set", "WORLD_SIZE > 1",
                         "launch with torchrun --nproc_per_node=N, which sets them")  # fmt: skip
+    # DistributedDataParallel imports torch.distributed.nn, whose functions take `group=group.WORLD` as a default
+    # argument: imported after the group exists, they would keep it alive to the end (see Distributed.close).
+    import torch.distributed.nn
+
     try:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
@@ -137,14 +142,21 @@ class Distributed:
             dist.barrier()
 
     def close(self, success: bool) -> None:
-        """Tear the group down while Python is fully alive (gloo's worker threads can abort the process when left
-        to interpreter shutdown); after a success, first wait until every rank is done with its collectives.
-        After a failure there is no barrier: the other ranks may be stuck in a collective, torchrun stops them."""
+        """Tear the group down while Python is fully alive; after a success, first wait until every rank is done
+        with its collectives. After a failure there is no barrier: the other ranks may be stuck in a collective,
+        torchrun stops them.
+
+        Call it once nothing references the `DistributedDataParallel` wrapper any more: the wrapper holds the
+        group, and a gloo group that outlives `destroy_process_group` keeps its threads running until interpreter
+        shutdown, where they abort a finished rank at random ("terminate called without an active exception",
+        exit code -6: a successful job reported as failed).
+        """
         if self.enabled and dist.is_initialized():
             try:
                 if success:
                     dist.barrier()
             finally:
+                gc.collect()  # wrappers left in reference cycles go now, not at interpreter shutdown
                 dist.destroy_process_group()
 
 

@@ -143,7 +143,14 @@ def run(cfg: DictConfig) -> float:
     resolve_resume(cfg)
     validate(cfg)
     job = build(cfg)
-    return fit_and_report(job)
+    ddp, success = job.ddp, False
+    try:
+        best = fit_and_report(job)
+        success = True
+    finally:
+        del job  # with it the DDP wrapper, which holds the process group: see Distributed.close
+        ddp.close(success)
+    return best
 
 
 def build(cfg: DictConfig) -> Job:
@@ -351,5 +358,4 @@ def fit_and_report(job: Job) -> float:
         finally:
             loggers.close(status)
             log.info("loggers closed (%s)", status)
-            job.ddp.close(success=status == "success")
     return float(best) if best is not None else math.nan
