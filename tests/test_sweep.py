@@ -343,6 +343,19 @@ def test_torchrun_launcher_runs_each_job_as_a_process_group(tmp_path: Path) -> N
     assert "best: job" in proc.stdout
 
 
+def test_torchrun_launcher_failure_shows_what_torchrun_said(tmp_path: Path) -> None:
+    # torchrun itself fails (an option it does not know): the job's error carries torchrun's last lines, and
+    # the whole output stays in the job's .torchrun folder.
+    proc = multirun(tmp_path, "hydra/launcher=torchrun", "hydra.launcher.torchrun_args=[--no-such-option]",
+                    "logger=none", check=False)  # fmt: skip
+    assert proc.returncode != 0
+    log_file = tmp_path / ".torchrun" / "0" / "torchrun.log"
+    assert "torchrun exited with code 2; its last lines:" in proc.stderr
+    assert "error: unrecognized arguments: --no-such-option" in proc.stderr
+    assert f"(all: {log_file})" in proc.stderr
+    assert "unrecognized arguments: --no-such-option" in log_file.read_text()
+
+
 def test_multirun_under_torchrun_fails_at_once(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), "-m", "optimizer.lr=0.005,0.01"]  # fmt: skip

@@ -63,14 +63,21 @@ class TorchrunLauncher(Launcher):
                    f"--nproc_per_node={self.nproc_per_node}", *self.torchrun_args,
                    "-m", "lab.torchrun_job", str(folder / "job.pkl")]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("LAB_RUN_ID", "LAB_RUN_TIME")}
-        code = subprocess.run(command, env=env).returncode
+        output = folder / "torchrun.log"  # the agent's and every rank's output, also shown as it comes
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace") as proc, output.open("w") as copy:  # fmt: skip
+            for line in proc.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+                copy.write(line)
+        code = proc.returncode
         result = folder / "result.pkl"
         if result.is_file():
             ret = pickle.loads(result.read_bytes())
             if code == 0 or ret.status == JobStatus.FAILED:
                 return ret
+        tail = "".join(output.read_text(errors="replace").splitlines(keepends=True)[-15:])
         ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
         ret._return_value = RuntimeError(
-            f"torchrun exited with code {code} (see {folder} and the job's train.log)"
+            f"torchrun exited with code {code}; its last lines:\n{tail}(all: {output})"
         )
         return ret
