@@ -104,6 +104,26 @@ def test_background_writes_are_snapshots_in_order_and_their_errors_surface(
     assert ckpt.load(tmp_path / "last.pt")["global_step"] == 3  # the previous one is intact
 
 
+def test_best_written_with_last_is_a_link_that_later_writes_leave_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = ckpt.Checkpointer(str(tmp_path), "val/acc", "max", async_write=False)
+    checkpointer.save_epoch(plain_state(1), 1, 0.7, is_best=True)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    assert last.samefile(best)  # one copy written and synced, two names
+    checkpointer.save_epoch(plain_state(2), 2, 0.6, is_best=False)  # last.pt replaced by rename
+    assert not last.samefile(best)
+    assert ckpt.load(last)["global_step"] == 2 and ckpt.load(best)["global_step"] == 1
+
+    def no_links(source: object, target: object) -> None:  # a filesystem without hard links (FAT, some NFS)
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    checkpointer.save_epoch(plain_state(3), 3, 0.8, is_best=True)
+    assert not last.samefile(best) and last.read_bytes() == best.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temp file left behind
+
+
 def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
     stale = tmp_path / ".last.pt.tmp-999999"
     stale.write_bytes(b"half a checkpoint")

@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,40 @@ def write_atomic(data: bytes, path: Path) -> None:
 
     A full disk or an unwritable dir is a `UserError` naming the file; the previous `path` is left as it was.
     """
+    _replace_atomic(path, lambda tmp: _write_synced(data, tmp))
+
+
+def link_atomic(source: Path, path: Path, data: bytes) -> None:
+    """`path` as a hard link to `source`, which holds the same `data`: no second copy to write and sync.
+
+    Checkpoints are only ever replaced by rename, never rewritten in place, so linked names stay independent.
+    Where the filesystem has no hard links (some network and FAT filesystems), `data` is written instead.
+    """
+
+    def link(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            _write_synced(data, tmp)
+
+    _replace_atomic(path, link)
+
+
+def _write_synced(data: bytes, path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_atomic(path: Path, make: Callable[[Path], None]) -> None:
+    """`make` the new file under a temp name in `path`'s dir, rename it over `path`, sync the dir."""
     tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp.unlink(missing_ok=True)
+            make(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -93,8 +120,9 @@ def write_atomic(data: bytes, path: Path) -> None:
 
 def _write_all(state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
     data = serialize(state)
-    for path in paths:
-        write_atomic(data, path)
+    write_atomic(data, paths[0])
+    for path in paths[1:]:  # e.g. best.pt in the epoch that also wrote last.pt
+        link_atomic(paths[0], path, data)
     for path in dropped:  # top-k files that fell out, only once the new one is complete
         path.unlink(missing_ok=True)
 
