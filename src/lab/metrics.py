@@ -1,8 +1,9 @@
 """Running metrics of one stage: the mean loss plus the task's torchmetrics, kept on the device.
 
 `update` only keeps references to a batch's (detached) loss, outputs and targets. They are folded into the loss sum
-and the metrics in one batched update every `FOLD_EVERY` batches and whenever the values are read, so the loop adds
-no host-device synchronisation per step: `compute()` is the only one. Under DDP, torchmetrics syncs the metric states
+and the metrics in one batched update every `FOLD_EVERY` batches and whenever the epoch's values are read (a logging
+window folds the losses alone), so the loop adds no host-device synchronisation per step: `compute()` is the only
+one. Under DDP, torchmetrics syncs the metric states
 across ranks in `compute()` and the loss sum is all-reduced with `reduce`.
 """
 
@@ -36,9 +37,11 @@ class Sums:
         for metric in self.metrics.values():
             metric.reset()
 
-    def add(self, loss_sum: Tensor, count: int, outputs: Tensor, targets: Tensor) -> None:
+    def add_loss(self, loss_sum: Tensor, count: int) -> None:
         self.loss += loss_sum
         self.count += count
+
+    def update_metrics(self, outputs: Tensor, targets: Tensor) -> None:
         for metric in self.metrics.values():
             metric.update(outputs, targets)
 
@@ -83,10 +86,11 @@ class Metrics:
         self.epoch = Sums(task, device)
         self.window = Sums(task, device, loss_only=True) if window else None
         self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.losses_folded = 0  # how many of `pending` are already in the loss sums
 
     def reset(self) -> None:
         """Empty again, keeping the metric objects (copying them anew costs more than an epoch of a small model)."""
-        self.pending = []
+        self.pending, self.losses_folded = [], 0
         for sums in (self.epoch, self.window):
             if sums is not None:
                 sums.reset()
@@ -97,19 +101,30 @@ class Metrics:
             self.fold()
 
     @torch.no_grad()
-    def fold(self) -> None:
-        if not self.pending:
+    def fold_losses(self) -> None:
+        """The pending batches' losses into the loss sums: all that a logging window reads."""
+        new = self.pending[self.losses_folded :]
+        if not new:
             return
-        losses, outputs, targets = zip(*self.pending, strict=True)
-        self.pending = []
+        self.losses_folded = len(self.pending)
+        losses, _, targets = zip(*new, strict=True)
         sizes = torch.tensor([len(t) for t in targets], dtype=torch.float32).to(
             self.device, non_blocking=True
         )
         loss_sum = (torch.stack(losses).float() * sizes).sum()
-        outputs, targets = torch.cat(outputs).float(), self.task.metric_targets(torch.cat(targets))
         for sums in (self.epoch, self.window):
             if sums is not None:
-                sums.add(loss_sum, len(targets), outputs, targets)
+                sums.add_loss(loss_sum, sum(len(t) for t in targets))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Everything pending: the losses, then all outputs and targets into the metrics in one update."""
+        self.fold_losses()
+        if not self.pending:
+            return
+        _, outputs, targets = zip(*self.pending, strict=True)
+        self.pending, self.losses_folded = [], 0
+        self.epoch.update_metrics(torch.cat(outputs).float(), self.task.metric_targets(torch.cat(targets)))
 
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         self.fold()
@@ -118,8 +133,9 @@ class Metrics:
     def compute_window(
         self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None
     ) -> dict[str, float]:
-        """The window's values; the window starts again empty."""
-        self.fold()
+        """The window's values (the loss); the window starts again empty. The task's metrics wait for the next
+        full fold: updating them at every logging step would cost the loop more than the window is worth."""
+        self.fold_losses()
         values = self.window.compute(stage, reduce)
         self.window.reset()
         return values
@@ -129,7 +145,7 @@ class Metrics:
         return {"epoch": self.epoch.state_dict(), "window": self.window.state_dict() if self.window else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pending = []
+        self.pending, self.losses_folded = [], 0
         self.epoch.load_state_dict(state["epoch"])
         if self.window is not None and state.get("window"):
             self.window.load_state_dict(state["window"])

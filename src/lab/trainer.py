@@ -416,7 +416,7 @@ class Trainer:
             self.schedulers.step_after_optimizer(state.global_step)
 
             if log_now:
-                metrics.fold()
+                metrics.fold_losses()
                 samples = metrics.window.count
                 values = metrics.compute_window("train", self.reduce)
                 self.check_finite(values["train/loss"])
