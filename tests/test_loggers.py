@@ -128,3 +128,28 @@ def test_tensorboard_histogram_summarises_the_values_exactly(tmp_path: Path) -> 
     )
     assert sum(histogram.bucket) == 45 and histogram.bucket_limit[-1] == pytest.approx(1.0)
     assert histogram.bucket[0] == 5 and histogram.bucket[-1] == 10  # -2 in the first bucket, 1 in the last
+
+
+def test_histograms_in_one_call_and_native_checksums_read_back(tmp_path: Path) -> None:
+    import os
+
+    import torch
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from tensorboard.summary.writer import record_writer
+
+    from lab.loggers.tensorboard import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path))
+    logger.log_histograms({"weights/a": torch.arange(4.0), "grads/a": torch.ones(3), "weights/empty": torch.ones(0)},
+                          3)  # fmt: skip
+    logger.close()
+    # The writer checksummed with the C CRC-32C; TensorBoard's reader checks every record with its own.
+    assert record_writer.masked_crc32c is not masked_crc32c
+    for data in (b"", b"x", os.urandom(4096)):
+        assert record_writer.masked_crc32c(data) == masked_crc32c(data)
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
+    assert sorted(events.Tags()["histograms"]) == ["grads/a", "weights/a"]  # an empty tensor has no histogram
+    [a] = events.Histograms("weights/a")
+    assert (a.step, a.histogram_value.num, a.histogram_value.sum, a.histogram_value.max) == (3, 4, 6.0, 3.0)
+    [g] = events.Histograms("grads/a")
+    assert (g.histogram_value.min, g.histogram_value.max, g.histogram_value.num) == (1.0, 1.0, 3)

@@ -132,10 +132,12 @@ class Monitor:
         ):
             return
         self.histogram_epoch = epoch
+        values = {}
         for name, param in trainer.model.named_parameters():
-            trainer.loggers.log_histogram(f"weights/{name}", param, step)
+            values[f"weights/{name}"] = param
             if param.grad is not None:
-                trainer.loggers.log_histogram(f"grads/{name}", param.grad, step)
+                values[f"grads/{name}"] = param.grad
+        trainer.loggers.log_histograms(values, step)
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         cfg, epoch = self.cfg, trainer.state.epoch

@@ -40,6 +40,11 @@ class Logger:
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
         """The distribution of a tensor's values (weights, gradients)."""
 
+    def log_histograms(self, values: Mapping[str, Tensor], step: int) -> None:
+        """Several at once (`tag → tensor`), as the monitor logs them; a backend may batch the work."""
+        for tag, tensor in values.items():
+            self.log_histogram(tag, tensor, step)
+
     def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
         """The model's graph, traced on `example_input`."""
 
