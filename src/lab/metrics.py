@@ -3,8 +3,8 @@
 `update` only keeps references to a batch's (detached) loss, outputs and targets. They are folded into the loss sum
 and the metrics in one batched update every `FOLD_EVERY` batches and whenever the epoch's values are read (a logging
 window folds the losses alone), so the loop adds no host-device synchronisation per step: `compute()` is the only
-one. Under DDP, torchmetrics syncs the metric states
-across ranks in `compute()` and the loss sum is all-reduced with `reduce`.
+one. Under DDP, torchmetrics syncs the metric states across ranks in `compute()` and the loss sum is all-reduced
+with `reduce`.
 """
 
 from __future__ import annotations
@@ -108,13 +108,12 @@ class Metrics:
             return
         self.losses_folded = len(self.pending)
         losses, _, targets = zip(*new, strict=True)
-        sizes = torch.tensor([len(t) for t in targets], dtype=torch.float32).to(
-            self.device, non_blocking=True
-        )
-        loss_sum = (torch.stack(losses).float() * sizes).sum()
+        sizes = [len(t) for t in targets]
+        weights = torch.tensor(sizes, dtype=torch.float32).to(self.device, non_blocking=True)
+        loss_sum = (torch.stack(losses).float() * weights).sum()
         for sums in (self.epoch, self.window):
             if sums is not None:
-                sums.add_loss(loss_sum, sum(len(t) for t in targets))
+                sums.add_loss(loss_sum, sum(sizes))
 
     @torch.no_grad()
     def fold(self) -> None:
