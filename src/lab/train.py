@@ -132,7 +132,7 @@ class Job:
     ddp: Any
     splits: Any
     model: Any
-    module: Any  # what runs in the loop: the model, or its head on cached features
+    module: Any  # what runs in the loop (the model, or its head on cached features), without the DDP wrapper
     task: Any
     trainer: Any
     resume: dict[str, Any] | None
@@ -221,8 +221,9 @@ def build(cfg: DictConfig) -> Job:
     trial = trial_callback(cfg)  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
     if trial is not None:
         callbacks["optuna_trial"] = trial
+    module = forward_model or model  # what runs in the loop, unwrapped (what W&B's watch sees)
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
-        forward_model = ddp.wrap(forward_model or model)
+        forward_model = ddp.wrap(module)
     trainer = Trainer(
         cfg.trainer, model, task, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
@@ -230,9 +231,7 @@ def build(cfg: DictConfig) -> Job:
         callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
         show_progress=main_rank, class_names=splits.class_names, mix=mix,
     )  # fmt: skip
-    return Job(
-        cfg, config, output_dir, main_rank, ddp, splits, model, forward_model or model, task, trainer, resume
-    )
+    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, module, task, trainer, resume)
 
 
 def build_mix(cfg: DictConfig, task: Any) -> Any:
