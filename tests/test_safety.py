@@ -124,6 +124,18 @@ def test_best_written_with_last_is_a_link_that_later_writes_leave_alone(
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temp file left behind
 
 
+def test_top_k_names_shared_by_two_validations_of_one_epoch_stay_one_file(tmp_path: Path) -> None:
+    # With trainer.val_check_interval an epoch validates more than once; equal values give equal names.
+    checkpointer = ckpt.Checkpointer(str(tmp_path), "val/acc", "max", save_top_k=2, async_write=False)
+    for step, value in enumerate([0.9, 0.9, 0.95, 0.97], start=1):
+        checkpointer.save_epoch(plain_state(step), 3 if step <= 2 else step, value, is_best=False)
+        assert all((tmp_path / name).is_file() for _, name in checkpointer.top_k), checkpointer.top_k
+    kept = sorted(p.name for p in tmp_path.glob("epoch=*"))
+    assert kept == ["epoch=003-val_acc=0.9500.pt", "epoch=004-val_acc=0.9700.pt"]
+    assert sorted(name for _, name in checkpointer.top_k) == kept  # every entry has its file
+    assert [ckpt.load(tmp_path / name)["global_step"] for name in kept] == [3, 4]
+
+
 def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
     stale = tmp_path / ".last.pt.tmp-999999"
     stale.write_bytes(b"half a checkpoint")

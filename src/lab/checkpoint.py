@@ -341,7 +341,10 @@ class Checkpointer:
         if keep and self.save_top_k > 1:
             name = f"epoch={epoch:03d}-{self.monitor.replace('/', '_')}={value:.4f}.pt"
             paths.append(self.dirpath / name)
-            self.top_k = sorted([*self.top_k, (value, name)], key=lambda t: t[0], reverse=self.mode == "max")
+            # A mid-epoch validation (trainer.val_check_interval) can give the same name as another of its epoch:
+            # the file is replaced, so it stays one entry, never one that a later drop would delete under the other.
+            others = [(v, n) for v, n in self.top_k if n != name]
+            self.top_k = sorted([*others, (value, name)], key=lambda t: t[0], reverse=self.mode == "max")
             dropped = [self.dirpath / name for _, name in self.top_k[self.save_top_k :]]
             self.top_k = self.top_k[: self.save_top_k]
         state["checkpointer"] = self.state_dict()
