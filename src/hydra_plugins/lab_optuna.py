@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,12 @@ class LabOptunaSweeper(Sweeper):
         if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
             raise UserError(f"study {self.study_name!r} already exists with other directions", "hydra.sweeper.direction",
                             "use a new sweep dir or study_name")  # fmt: skip
+        # optuna-dashboard and the report name the objectives after the metrics (not "Objective 0").
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(
+                self.objectives or [str(OmegaConf.select(self.config, "checkpoint.monitor"))]
+            )
         self._resume(study)
         log.info("study %r: sampler %s, pruner %s, %s", self.study_name, type(sampler).__name__,
                  type(study.pruner).__name__, "/".join(self.directions))  # fmt: skip

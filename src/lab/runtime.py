@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import random
@@ -164,6 +165,15 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def code_version() -> tuple[str | None, str | None]:
+    """The commit checked out and the uncommitted changes to tracked files (`git diff HEAD`); None outside git."""
+    return _git("rev-parse", "HEAD"), _git("diff", "HEAD")
+
+
+def sha256(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+
+
 def run_info() -> dict[str, Any]:
     """What it takes to reproduce a run: code version, packages, machine, command line."""
     versions = {}
@@ -173,9 +183,11 @@ def run_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     status = _git("status", "--porcelain")
+    commit, diff = code_version()
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": commit,
         "git_dirty": bool(status) if status is not None else None,
+        "git_diff_sha256": sha256(diff),  # uncommitted changes to tracked files, as a sweep's code/diff.patch
         "versions": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -23,6 +23,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lab.aggregate import aggregate, configuration_table, configurations_csv, has_repeats, label, swept_keys
+from lab.report import load_study, write_report
+from lab.runs import find_runs, ran_other_code
+
 SUCCESS = "success"
 INCOMPLETE = "incomplete"  # no metrics.json: crashed, killed or still running
 
@@ -110,32 +114,10 @@ def collect(sweep_dir: Path) -> list[Job]:
 
 
 def trial_states(sweep_dir: Path, jobs: list[Job]) -> dict[int | str, str]:
-    """Trial number → state, from the Optuna study in the sweep dir (optuna.db or optuna.journal); {} if none.
-
-    A storage holding several studies: the one named after the jobs' task_name (the sweeper's default name).
-    """
-    db, journal = sweep_dir / "optuna.db", sweep_dir / "optuna.journal"
-    if not (db.is_file() or journal.is_file()):
+    """Trial number → state, from the Optuna study in the sweep dir; {} if none."""
+    study = load_study(sweep_dir)
+    if study is None:
         return {}
-    try:
-        import optuna
-        from optuna.storages.journal import JournalFileBackend
-    except ImportError:
-        return {}
-    if db.is_file():
-        storage = optuna.storages.RDBStorage(
-            f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}}
-        )
-    else:
-        storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
-    names = optuna.get_all_study_names(storage)
-    if len(names) > 1:
-        configs = (j.run_dir / ".hydra" / "config.yaml" for j in jobs)
-        task = next((_select(OmegaConf.load(p), "task_name") for p in configs if p.is_file()), None)
-        names = [n for n in names if n == task]
-    if len(names) != 1:
-        return {}
-    study = optuna.load_study(study_name=names[0], storage=storage)
     return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
 
 
@@ -196,8 +178,22 @@ def write_summary(sweep_dir: Path) -> list[Job]:
         "|" + "---|" * len(header),
         *("| " + " | ".join(cell(v, c) for v, c in zip(row, header, strict=True)) + " |" for row in rows),
     ]
+    runs = find_runs([sweep_dir]) if jobs else []
+    if changed := other_code(sweep_dir, runs):
+        lines += ["", f"**Code changed while the sweep ran**: job(s) {', '.join(changed)} ran other code than the "
+                  "sweep started from (`code/`; each job's `run_info.json`)."]  # fmt: skip
+    if has_repeats(runs):  # seeds or folds: one row per configuration too
+        groups = aggregate(runs, "best", sweep_mode(jobs))
+        lines += ["", *configuration_table(groups, swept_keys(runs), monitor, repeats=True)]
+        write_atomic(sweep_dir / "summary_configs.csv", configurations_csv(groups, swept_keys(runs)))
     write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return jobs
+
+
+def other_code(sweep_dir: Path, runs: list) -> list[str]:
+    """The jobs that ran other code than the sweep's `code/` record (none when it has no record)."""
+    code = sweep_dir / "code"
+    return [run.run_dir.name for run in runs if code.is_dir() and ran_other_code(run, code)]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -234,6 +230,14 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
             f"  checkpoint: {best.checkpoint or '(none saved)'}",
             f"  run it again: {command_line(best)}",
         ]
+    runs = find_runs([sweep_dir]) if jobs else []
+    if has_repeats(runs):
+        groups = aggregate(runs, "best", sweep_mode(jobs))
+        top = groups[0].stats.get("best") if groups else None
+        if top is not None:
+            ci = f", 95 % CI ± {top.ci95:.4f}" if top.ci95 is not None else ""
+            lines.insert(1, f"best configuration: {label(groups[0], swept_keys(runs))}  "
+                            f"{jobs[0].monitor} {top.text()} (n={top.n}{ci})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -257,6 +261,11 @@ class SweepSummary(Callback):
                   f"rebuild it with `python -m lab.sweep_summary {sweep_dir}`", file=sys.stderr)  # fmt: skip
             return
         print(report(sweep_dir, jobs), flush=True)
+        try:
+            print(f"sweep report: {write_report(sweep_dir)}", flush=True)
+        except Exception as e:  # figures are a convenience: never hide the finished jobs behind them
+            print(f"warning: no sweep report ({type(e).__name__}: {e}); "
+                  f"rebuild it with `python -m lab.sweep_summary {sweep_dir}`", file=sys.stderr)  # fmt: skip
         if jobs and not any(j.ok for j in jobs):
             print(f"error: every job of the sweep failed ({sweep_dir}): see their train.log", file=sys.stderr)
             sys.exit(1)

@@ -1,5 +1,5 @@
-"""`python -m lab.sweep_summary <sweep dir>`: (re)build summary.csv and summary.md of a finished or interrupted
-sweep from its job dirs, and print the best job. See src/lab/sweep.py."""
+"""`python -m lab.sweep_summary <sweep dir>`: (re)build summary.csv, summary.md and report.md (with its figures) of
+a finished or interrupted sweep from its job dirs, and print the best job. See src/lab/sweep.py, src/lab/report.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lab.errors import EXIT_USER_ERROR, UserError
+from lab.report import write_report
 from lab.sweep import report, write_summary
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e.line(), file=sys.stderr)
         return EXIT_USER_ERROR
     print(report(sweep_dir, write_summary(sweep_dir)))
+    print(f"sweep report: {write_report(sweep_dir)}")
     return 0
 
 
