@@ -81,6 +81,21 @@ def limit_batches(limit: int | float | None, num_batches: int) -> int:
 
 
 class Trainer:
+    # Read-only views for callbacks (their whole surface is listed in `lab.callbacks.base`).
+    @property
+    def distributed(self) -> bool:
+        """Whether this process is one rank of a DDP (torchrun) job."""
+        return self.reduce is not None
+
+    def batch_limit(self, stage: str) -> int | float | None:
+        """`trainer.limit_<stage>_batches`: None (all), a count or a fraction of the split's batches."""
+        return self.cfg.get(f"limit_{stage}_batches")
+
+    @property
+    def train_batches(self) -> int:
+        """Training batches per epoch, `limit_train_batches` applied."""
+        return limit_batches(self.batch_limit("train"), len(self.loaders["train"]))
+
     def __init__(
         self,
         cfg: DictConfig,
@@ -162,10 +177,17 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
     def callback(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks.values():
-            method = getattr(cb, hook, None)
-            if method is not None:
-                method(self, *args)
+        """Call `hook` of every callback that overrides it (the table is checked and built once)."""
+        for method in self.hooks(hook):
+            method(self, *args)
+
+    def hooks(self, hook: str) -> list[Callable[..., None]]:
+        from lab.callbacks.base import hook_table
+
+        key = tuple(map(id, self.callbacks.values()))
+        if getattr(self, "_hook_key", None) != key:
+            self._hook_table, self._hook_key = hook_table(self.callbacks), key
+        return self._hook_table[hook]
 
     def learning_rates(self) -> dict[str, float]:
         groups = self.optimizer.param_groups
@@ -358,9 +380,7 @@ class Trainer:
         skip_nan = self.nan_policy == "skip"
         val_every = self.validation_steps(num_batches) if self.validation_due(state.epoch + 1) else None
         budgets = self.max_steps is not None or self.max_time is not None
-        step_hooks = [
-            cb.on_optimizer_step for cb in self.callbacks.values() if hasattr(cb, "on_optimizer_step")
-        ]
+        step_hooks = self.hooks("on_optimizer_step")
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
