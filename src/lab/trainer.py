@@ -5,13 +5,8 @@ checkpointer and callbacks, and nothing else: no loss, metric, dataset class or 
 Metrics accumulate on the device and are read back once per logging interval, so the loop adds no host-device
 synchronisation per step.
 
-Callbacks (`conf/callbacks/*.yaml`, see `lab.callbacks`) may define any of these methods, each called as
-`hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward` (gradients present, before
-the optimizer step), `on_optimizer_step` (after each one), `on_validation(metrics)` (may add metrics of its own to
-the validation's, e.g. `val_ema/acc`), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
-`on_final_evaluation(metrics)` (called by `lab.train.run` after evaluating the best weights, also with
-`train=false`). A callback stops training after the current epoch (checkpoints written, normal exit) with
-`trainer.should_stop = True`; one with `state_dict()`/`load_state_dict()` has its state in every checkpoint.
+Callbacks (`conf/callbacks/*.yaml`) subclass `lab.Callback`: its module, `lab.callbacks.base`, lists every hook
+and the part of the trainer a callback may use.
 """
 
 from __future__ import annotations

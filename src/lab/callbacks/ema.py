@@ -6,7 +6,7 @@ BatchNorm statistics) after every optimizer step. With `warmup` the decay starts
 
 Every validation also evaluates the averaged weights as `val_ema/<metric>` (they can be `checkpoint.monitor`).
 `evaluate_with: ema` makes them the weights that count: the final evaluation, `best.pt`'s inference weights
-(`lab.checkpoint.inference_weights`, used by predict and export) and `train=false` evaluation use them; the raw
+(`lab.models.weights.inference_weights`, used by predict and export) and `train=false` evaluation use them; the raw
 weights stay under the checkpoint's `model` so that training resumes exactly. Under DDP every rank averages its
 own (identical) weights, so no communication is needed.
 
