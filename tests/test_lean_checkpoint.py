@@ -180,6 +180,12 @@ def test_ema_keeps_lean_checkpoints_lean(lean_run: Path, weights: Path, tmp_path
     model, _, _ = load_model(best, "cpu")
     assert torch.equal(model.head[1].weight, state["callbacks"]["ema"]["weights"]["head.1.weight"])
     assert torch.equal(model.features.conv1.weight, torch.load(weights)["conv1.weight"])
+    # Resumed, the averages of the head continue; the frozen part's are the model's own, rebuilt.
+    last = tmp_path / "checkpoints" / "last.pt"
+    overrides = [*SMALL, f"model.weights_path={weights}", "callbacks=[default,ema]", f"ckpt_path={last}"]
+    run(compose_config([*overrides, "trainer.max_epochs=3"], tmp_path / "resumed"))
+    resumed = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["callbacks"]["ema"]
+    assert resumed["updates"] == 12 and sorted(resumed["weights"]) == ["head.1.bias", "head.1.weight"]
 
 
 def test_predict_on_a_lean_checkpoint_without_its_weights_file_is_one_clear_error(
