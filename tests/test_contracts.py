@@ -213,3 +213,37 @@ def test_models_never_import_the_checkpoint_policy() -> None:
         assert not any(name == "lab.checkpoint" or name.startswith("lab.checkpoint.") for name in imported), (
             path
         )
+
+
+class OnlyFitEnd(Callback):
+    def on_fit_end(self, trainer: Any) -> None:
+        pass
+
+
+def test_dispatch_calls_only_the_hooks_a_callback_overrides() -> None:
+    from lab.callbacks.base import hook_table
+
+    callback = OnlyFitEnd()
+    table = hook_table({"only": callback, "none": Callback()})
+    assert table["on_fit_end"] == [callback.on_fit_end]
+    assert all(methods == [] for hook, methods in table.items() if hook != "on_fit_end")
+
+
+def test_lab_callbacks_use_only_the_documented_trainer_surface() -> None:
+    """Every `trainer.<name>` that lab's own callbacks touch is listed in `lab.callbacks.base`'s docstring."""
+    import re
+
+    import lab.callbacks.base
+
+    documented = set(re.findall(r"`trainer\.(\w+)", lab.callbacks.base.__doc__))
+    sources = [*(ROOT / "src" / "lab" / "callbacks").glob("*.py"), ROOT / "src/lab/monitor.py",
+               ROOT / "src/lab/optuna_trial.py"]  # fmt: skip
+    for path in sources:
+        used = {
+            node.attr
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "trainer"
+        }
+        assert used <= documented, (path.name, sorted(used - documented))

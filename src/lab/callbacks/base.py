@@ -10,10 +10,10 @@ What a callback may use of the trainer (its public surface; nothing else is prom
   of the current epoch trained), `best` (best value of the monitored metric so far). Read only.
 - `trainer.model`: the plain `nn.Module` whose `state_dict` checkpoints hold (never a DDP or compiled wrapper);
   `trainer.eval_model`: what evaluation runs batches through (the model, or its head on cached features;
-  compiled with `trainer.compile`).
+  compiled when the run compiles).
 - `trainer.optimizer`, `trainer.task` (loss, metrics and figures, `lab.tasks`), `trainer.class_names`.
 - `trainer.loaders`: split name (`train`, `val`, `test`) → loader yielding `(inputs, targets)` batches on the
-  device; `trainer.batch_limit(stage)`: how many batches of a split a run uses (`trainer.limit_<stage>_batches`);
+  device; `trainer.batch_limit(stage)`: how many batches of a split a run uses (its `limit_<stage>_batches` setting);
   `trainer.train_batches`: training batches per epoch, that limit applied.
 - `trainer.evaluate(stage, limit)`: the split's metrics (`val/acc`, ...) with the current weights, reduced over
   DDP ranks; `trainer.outputs(stage, limit)`: each batch's `(outputs, loss, targets)` in eval mode.
