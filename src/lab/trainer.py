@@ -177,6 +177,7 @@ class Trainer:
             method(self, *args)
 
     def hooks(self, hook: str) -> list[Callable[..., None]]:
+        """The callbacks' methods for `hook`; rebuilt (and the callbacks checked) when `self.callbacks` changes."""
         from lab.callbacks.base import hook_table
 
         key = tuple(map(id, self.callbacks.values()))
