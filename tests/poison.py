@@ -5,8 +5,10 @@ It is also a user callback added from the command line: `+callbacks.poison={_tar
 
 from typing import Any
 
+from lab import Callback
 
-class NaNGradients:
+
+class NaNGradients(Callback):
     def __init__(self, after_steps: int = 0) -> None:
         self.after_steps = after_steps
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import CONF, TINY, compose_config, train
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from lab.errors import UserError
@@ -178,3 +179,30 @@ def test_every_model_config_resolves_as_cfg_job_resolve_does(tmp_path: Path) -> 
         assert len(cfg.dataset.mean) == cfg.dataset.channels, option
     proc = train(None, "model=vgg19_frozen", "--cfg", "job", "--resolve")
     assert "mean:\n  - 0.485" in proc.stdout and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("option", [*BACKBONES, "vit_b_16"])
+def test_freezing_freezes_every_tensor_not_trained_and_the_log_says_so(option: str, caplog) -> None:
+    """Every shipped backbone family (and ViT, whose class token sits outside every block), built on the meta
+    device: no weights are drawn or downloaded, and the parameters' flags are exactly as built."""
+    name = OmegaConf.load(CONF / "model" / f"{option}.yaml").model.name if option in BACKBONES else option
+    caplog.set_level("INFO", logger="lab.models.backbone")
+    with torch.device("meta"):
+        frozen = Backbone(name, num_classes=3, weights=None, freeze=True)
+        free = Backbone(name, num_classes=3, weights=None, freeze=False)
+    total = len(frozen.frozen)
+    assert [n for n, p in frozen.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    assert frozen.fully_frozen and frozen.can_cache_features()  # so: no autograd graph, features cached
+    assert [g["name"] for g in frozen.param_groups()] == ["head"]
+    assert all(p.requires_grad for p in free.parameters()) and free.frozen == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(f"{name} weights=null (random): {total} of {total} blocks frozen, ")
+    assert lines[1].startswith(f"{name} weights=null (random): nothing frozen, ")
+    # The refusal to load a lean checkpoint says of the model what its log line said.
+    assert frozen.describe_frozen(with_fingerprint=True) == lines[0].split(",")[0]
+    if name == "vit_b_16":
+        assert not frozen.features.class_token.requires_grad
+        assert not frozen.features.encoder.pos_embedding.requires_grad
+        free.unfreeze()  # nothing frozen: nothing to do
+        frozen.unfreeze()
+        assert frozen.features.class_token.requires_grad and not frozen.fully_frozen

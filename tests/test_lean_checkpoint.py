@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import TINY, compose_config, run_train
 
+from lab import Callback
 from lab import checkpoint as ckpt
 from lab.errors import UserError
 from lab.models.backbone import Backbone
@@ -127,3 +129,80 @@ def test_random_weights_have_no_name_to_rebuild_from_so_they_are_stored() -> Non
     model = Backbone("resnet18", num_classes=3, weights=None, freeze=True)
     entries = ckpt.model_state(model)
     assert entries["frozen"] is None and "features.conv1.weight" in entries["model"]
+
+
+class FirstIsBest(Callback):
+    """Makes the first validation the best (a val/acc that falls each epoch), whatever the weights do."""
+
+    def on_validation(self, trainer: Any, metrics: dict[str, float]) -> None:
+        metrics["val/acc"] = 1.0 - 0.1 * trainer.state.epoch
+
+
+def test_a_checkpoint_from_before_the_unfreeze_is_the_final_evaluation(weights: Path, tmp_path: Path) -> None:
+    # Epochs 1-2 train the head on the frozen backbone (lean checkpoints), epoch 3 the whole network.
+    out = tmp_path / "unfreeze"
+    run(compose_config([*SMALL, f"model.weights_path={weights}", "model.unfreeze_at_epoch=2", "trainer.max_epochs=3",
+                        "+callbacks.first_is_best={_target_: test_lean_checkpoint.FirstIsBest}"], out))  # fmt: skip
+    best, last = (ckpt.load(out / "checkpoints" / name) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == 1 and best["frozen"] is not None and "features.conv1.weight" not in best["model"]
+    assert last["epoch"] == 3 and last["frozen"] is None  # nothing frozen any more: every weight stored
+    assert not torch.equal(last["model"]["features.conv1.weight"], torch.load(weights)["conv1.weight"])
+    reported = json.loads((out / "metrics.json").read_text())
+    assert reported["status"] == "success"
+    # The final evaluation used best.pt's weights: the same numbers as evaluating it on a frozen model.
+    evaluated = tmp_path / "eval"
+    overrides = [
+        *SMALL,
+        f"model.weights_path={weights}",
+        "train=false",
+        f"ckpt_path={out / 'checkpoints' / 'best.pt'}",
+    ]
+    run(compose_config(overrides, evaluated))
+    again = json.loads((evaluated / "metrics.json").read_text())
+    assert reported["val/loss"] == pytest.approx(again["val/loss"], rel=1e-6)
+    assert reported["test/acc"] == pytest.approx(again["test/acc"], rel=1e-6)
+
+
+def test_ema_keeps_lean_checkpoints_lean(lean_run: Path, weights: Path, tmp_path: Path) -> None:
+    run(compose_config([*SMALL, f"model.weights_path={weights}", "callbacks=[default,ema]"], tmp_path))
+    best = tmp_path / "checkpoints" / "best.pt"
+    state = ckpt.load(best)
+    assert (
+        sorted(state["callbacks"]["ema"]["weights"])
+        == sorted(state["model"])
+        == ["head.1.bias", "head.1.weight"]
+    )
+    assert best.stat().st_size <= 2 * (lean_run / "checkpoints" / "best.pt").stat().st_size
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "success"
+    # The averages are the weights evaluation, predict and export use: complete with the frozen part.
+    from lab.predict import load_model
+
+    model, _, _ = load_model(best, "cpu")
+    assert torch.equal(model.head[1].weight, state["callbacks"]["ema"]["weights"]["head.1.weight"])
+    assert torch.equal(model.features.conv1.weight, torch.load(weights)["conv1.weight"])
+    # Resumed, the averages of the head continue; the frozen part's are the model's own, rebuilt.
+    last = tmp_path / "checkpoints" / "last.pt"
+    overrides = [*SMALL, f"model.weights_path={weights}", "callbacks=[default,ema]", f"ckpt_path={last}"]
+    run(compose_config([*overrides, "trainer.max_epochs=3"], tmp_path / "resumed"))
+    resumed = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["callbacks"]["ema"]
+    assert resumed["updates"] == 12 and sorted(resumed["weights"]) == ["head.1.bias", "head.1.weight"]
+
+
+def test_predict_on_a_lean_checkpoint_without_its_weights_file_is_one_clear_error(
+    lean_run: Path, weights: Path
+) -> None:
+    from lab.predict import load_model
+
+    moved = weights.with_suffix(".moved")
+    weights.rename(moved)
+    try:
+        with pytest.raises(UserError) as error:
+            load_model(lean_run / "checkpoints" / "best.pt", "cpu")
+    finally:
+        moved.rename(weights)
+    line = error.value.line()
+    assert (
+        line.startswith(f"error: weights file not found (model.weights_path={weights}): ")
+        and "\n" not in line
+    )
+    assert "lean checkpoint" in line and "export" in line

@@ -107,14 +107,16 @@ def test_early_stopping_is_a_callback_from_config(tmp_path: Path) -> None:
                                "callbacks.early_stopping.min_delta=1.0")  # fmt: skip
     assert metrics["epochs"] == 3 and metrics["stopped_early"] is True
     state = ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["callbacks"]["early_stopping"]["bad_epochs"] == 2
+    assert state["callbacks"]["early_stopping"]["bad_validations"] == 2
 
 
 CALLBACK = '''
 from typing import Any
 
+from lab import Callback
 
-class EpochCounter:
+
+class EpochCounter(Callback):
     """Counts the epochs it sees and writes them to a file at the end."""
 
     def __init__(self, path: str) -> None:

@@ -5,11 +5,9 @@ A checkpoint is a `torch.save`d dict of tensors and plain Python values, loaded 
 `monitor` (name, mode, best), `callbacks` (their states, e.g. the EMA weights), `config` (resolved, plain dict),
 `class_names`, `rng`, `loggers`. `inference_weights(state)` are the weights to evaluate, predict and export with.
 
-Lean checkpoints: for a model with frozen blocks (`Backbone.frozen_identity()`), `model` holds only what training
-changes and `frozen` names the rest (weights name or file and a content fingerprint); `restore_model` rebuilds
-the frozen part from the model's own weights and refuses a different one. `checkpoint.save_frozen=true` stores
-everything. `ckpt_path=` also takes a plain state_dict (an exported `model.pt`): weights only, training starts
-at epoch 0.
+What a checkpoint's `model` holds (lean for frozen blocks) and how it is loaded back (`restore_model`,
+`inference_weights`) is `lab.models.weights`'s. `ckpt_path=` also takes a plain state_dict (an exported
+`model.pt`): weights only, training starts at epoch 0.
 """
 
 from __future__ import annotations
@@ -29,6 +27,9 @@ import torch
 from torch import nn
 
 from lab.errors import UserError
+from lab.models.weights import inference_weights as inference_weights  # re-exported: predict, export
+from lab.models.weights import model_state
+from lab.models.weights import restore_model as restore_model
 
 REQUIRED_KEYS = ("model", "epoch", "global_step")
 
@@ -187,84 +188,6 @@ def is_state_dict(state: Any) -> bool:
 def is_resumable(state: dict[str, Any]) -> bool:
     """A training checkpoint (optimizer and all), not weights alone."""
     return "optimizer" in state
-
-
-def model_state(model: nn.Module, save_frozen: bool = False) -> dict[str, Any]:
-    """The checkpoint's `model` and `frozen` entries: without `save_frozen`, frozen blocks are left out."""
-    identity = None if save_frozen else getattr(model, "frozen_identity", lambda: None)()
-    state = model.state_dict()
-    if identity is not None:
-        skip = set(model.frozen_keys())
-        state = {key: value for key, value in state.items() if key not in skip}
-    return {"model": state, "frozen": identity}
-
-
-def restore_model(
-    model: nn.Module, state: dict[str, Any], where: str, strict: bool = True, inference: bool = False
-) -> None:
-    """Load a checkpoint's weights into `model` (`inference`: the ones to evaluate with, see `inference_weights`);
-    a lean checkpoint's frozen part must match the model's own."""
-    weights = inference_weights(state) if inference else state["model"]
-    saved = state.get("frozen")
-    if saved is None:
-        return load_model_state(model, weights, where, strict)
-    from lab.models.backbone import describe
-
-    mine = getattr(model, "frozen_identity", lambda: None)()
-    if mine is None or mine["fingerprint"] != saved["fingerprint"]:
-        this = describe(mine) if mine else f"{type(model).__name__} with nothing frozen"
-        raise UserError(
-            f"the checkpoint's frozen backbone is {describe(saved)} but this model's is {this}",
-            where,
-            "build the model with the checkpoint's model.weights / model.weights_path (and model.freeze), or "
-            "use a checkpoint written with checkpoint.save_frozen=true or an exported model.pt",
-        )
-    load_model_state(model, weights, where, strict, frozen=set(model.frozen_keys()))
-
-
-def inference_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights that evaluation, predict and export use: a callback's (the EMA with `evaluate_with: ema`) that
-    says so with `inference_weights: true`, else the trained weights `model` (what training resumes from)."""
-    for cb_state in (state.get("callbacks") or {}).values():
-        if isinstance(cb_state, dict) and cb_state.get("inference_weights"):
-            return cb_state["weights"]
-    return state["model"]
-
-
-def load_model_state(
-    model: nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    where: str,
-    strict: bool = True,
-    frozen: set[str] = frozenset(),
-) -> None:
-    """`load_state_dict` with a readable list of missing/unexpected keys and shape mismatches.
-
-    `frozen`: keys a lean checkpoint leaves out on purpose (the model already holds them).
-    """
-    own = model.state_dict()
-    mismatched = [
-        f"{key} {tuple(value.shape)}≠{tuple(own[key].shape)}"
-        for key, value in state_dict.items()
-        if key in own and own[key].shape != value.shape
-    ]
-    missing = [key for key in own if key not in state_dict and key not in frozen]
-    unexpected = [key for key in state_dict if key not in own]
-    if mismatched or (strict and (missing or unexpected)):
-        parts = []
-        for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
-            if keys and (strict or label == "shape mismatch"):
-                shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-                parts.append(f"{label}: {shown}")
-        raise UserError(
-            "checkpoint does not fit this model; " + "; ".join(parts),
-            where,
-            "use the same model and data (num_classes) as the checkpoint, or checkpoint.strict=false for a "
-            "partial load",
-        )
-    if not strict or frozen:
-        state_dict = {key: value for key, value in state_dict.items() if key in own}
-    model.load_state_dict(state_dict, strict=strict and not frozen)
 
 
 class Checkpointer:

@@ -294,11 +294,17 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def check_monitor(monitor: str, metric_names: list[str], stages: list[str] = ("val", "train")) -> None:
-    """`checkpoint.monitor` must be a metric the task logs every epoch (train or val stage, val_ema with EMA)."""
+def check_monitor(
+    monitor: str,
+    metric_names: list[str],
+    stages: list[str] = ("val", "train"),
+    key: str = "checkpoint.monitor",
+) -> None:
+    """`key` (`checkpoint.monitor`, a callback's monitor) must be a metric the task logs every epoch (train or val
+    stage, val_ema with EMA)."""
     allowed = [f"{stage}/{name}" for stage in stages for name in metric_names]
     if monitor not in allowed:
-        raise UserError(f"{monitor!r} is not a metric this task logs each epoch", "checkpoint.monitor",
+        raise UserError(f"{monitor!r} is not a metric this task logs each epoch", key,
                         f"use one of {', '.join(allowed)}")  # fmt: skip
 
 

@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from lab.callbacks.base import Callback
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ def due(every: int | None, count: int) -> bool:
     return bool(every) and count % every == 0
 
 
-class Monitor:
+class Monitor(Callback):
     def __init__(
         self,
         settings: DictConfig | None,
@@ -83,7 +85,7 @@ class Monitor:
     def predict(self, trainer: Any, stage: str) -> tuple[Tensor, Tensor]:
         """Softmax probabilities and targets over a split (as far as `trainer.limit_<stage>_batches` goes)."""
         probs, targets = [], []
-        for logits, _, y in trainer.outputs(stage, trainer.cfg.get(f"limit_{stage}_batches")):
+        for logits, _, y in trainer.outputs(stage, trainer.batch_limit(stage)):
             probs.append(logits.float().softmax(1))
             targets.append(y)
         return torch.cat(probs).cpu(), torch.cat(targets).cpu()
@@ -116,10 +118,8 @@ class Monitor:
             loggers.log_images("train/images", upscale(self.images(x)), step)
 
     def on_train_epoch_start(self, trainer: Any) -> None:
-        from lab.trainer import limit_batches
-
         # Read once per epoch: an OmegaConf lookup in every step would cost more than the check itself.
-        self.epoch_batches = limit_batches(trainer.cfg.limit_train_batches, len(trainer.loaders["train"]))
+        self.epoch_batches = trainer.train_batches
 
     def on_after_backward(self, trainer: Any) -> None:
         """Every `every_n_steps`, and on an epoch's last step when none was due in it: short runs show them too."""

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lab.callbacks.base import Callback
+
 log = logging.getLogger(__name__)
 
 SWEEPER = "hydra_plugins.lab_optuna.LabOptunaSweeper"
@@ -60,7 +62,7 @@ def trial_callback(cfg: DictConfig) -> TrialReporter | None:
     return TrialReporter(hydra.sweeper, int(hydra.job.num), int(cfg.trainer.max_epochs))
 
 
-class TrialReporter:
+class TrialReporter(Callback):
     """Reports the monitored metric to the trial after every validation; stops training when Optuna prunes.
 
     Under torchrun only rank 0 talks to the study and broadcasts the decision, so all ranks stop together.

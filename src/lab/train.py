@@ -159,6 +159,7 @@ def build(cfg: DictConfig) -> Job:
     from lab import checkpoint as ckpt
     from lab import distributed
     from lab.callbacks import build_callbacks
+    from lab.callbacks.early_stopping import EarlyStopping
     from lab.config import build as build_object
     from lab.config import check_monitor
     from lab.data import build_data, build_loaders
@@ -191,9 +192,8 @@ def build(cfg: DictConfig) -> Job:
     mix = build_mix(cfg, task)
     augment = build_augment(cfg, task, splits)
     ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
-    check_monitor(
-        cfg.checkpoint.monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])]
-    )
+    logged = ["val", "train", *(["val_ema"] if ema else [])]
+    check_monitor(cfg.checkpoint.monitor, task.metric_names(), logged)
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     if augment is not None:  # training batches only: validation and test stay as they are
         from lab.data.augment import AugmentedLoader
@@ -218,6 +218,9 @@ def build(cfg: DictConfig) -> Job:
         check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
     callbacks = build_callbacks(cfg.get("callbacks"))
+    for name, callback in callbacks.items():  # a metric never logged would never improve: refused now
+        if isinstance(callback, EarlyStopping):
+            check_monitor(callback.monitor, task.metric_names(), logged, f"callbacks.{name}.monitor")
     trial = trial_callback(cfg)  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
     if trial is not None:
         callbacks["optuna_trial"] = trial

@@ -5,13 +5,8 @@ checkpointer and callbacks, and nothing else: no loss, metric, dataset class or 
 Metrics accumulate on the device and are read back once per logging interval, so the loop adds no host-device
 synchronisation per step.
 
-Callbacks (`conf/callbacks/*.yaml`, see `lab.callbacks`) may define any of these methods, each called as
-`hook(trainer, *args)`: `on_fit_start`, `on_train_epoch_start`, `on_after_backward` (gradients present, before
-the optimizer step), `on_optimizer_step` (after each one), `on_validation(metrics)` (may add metrics of its own to
-the validation's, e.g. `val_ema/acc`), `on_validation_end(metrics)` (the epoch's train and val metrics), `on_fit_end`, and
-`on_final_evaluation(metrics)` (called by `lab.train.run` after evaluating the best weights, also with
-`train=false`). A callback stops training after the current epoch (checkpoints written, normal exit) with
-`trainer.should_stop = True`; one with `state_dict()`/`load_state_dict()` has its state in every checkpoint.
+Callbacks (`conf/callbacks/*.yaml`) subclass `lab.Callback`: its module, `lab.callbacks.base`, lists every hook
+and the part of the trainer a callback may use.
 """
 
 from __future__ import annotations
@@ -81,6 +76,21 @@ def limit_batches(limit: int | float | None, num_batches: int) -> int:
 
 
 class Trainer:
+    # Read-only views for callbacks (their whole surface is listed in `lab.callbacks.base`).
+    @property
+    def distributed(self) -> bool:
+        """Whether this process is one rank of a DDP (torchrun) job."""
+        return self.reduce is not None
+
+    def batch_limit(self, stage: str) -> int | float | None:
+        """`trainer.limit_<stage>_batches`: None (all), a count or a fraction of the split's batches."""
+        return self.cfg.get(f"limit_{stage}_batches")
+
+    @property
+    def train_batches(self) -> int:
+        """Training batches per epoch, `limit_train_batches` applied."""
+        return limit_batches(self.batch_limit("train"), len(self.loaders["train"]))
+
     def __init__(
         self,
         cfg: DictConfig,
@@ -162,10 +172,18 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
     def callback(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks.values():
-            method = getattr(cb, hook, None)
-            if method is not None:
-                method(self, *args)
+        """Call `hook` of every callback that overrides it (the table is checked and built once)."""
+        for method in self.hooks(hook):
+            method(self, *args)
+
+    def hooks(self, hook: str) -> list[Callable[..., None]]:
+        """The callbacks' methods for `hook`; rebuilt (and the callbacks checked) when `self.callbacks` changes."""
+        from lab.callbacks.base import hook_table
+
+        key = tuple(map(id, self.callbacks.values()))
+        if getattr(self, "_hook_key", None) != key:
+            self._hook_table, self._hook_key = hook_table(self.callbacks), key
+        return self._hook_table[hook]
 
     def learning_rates(self) -> dict[str, float]:
         groups = self.optimizer.param_groups
@@ -358,9 +376,7 @@ class Trainer:
         skip_nan = self.nan_policy == "skip"
         val_every = self.validation_steps(num_batches) if self.validation_due(state.epoch + 1) else None
         budgets = self.max_steps is not None or self.max_time is not None
-        step_hooks = [
-            cb.on_optimizer_step for cb in self.callbacks.values() if hasattr(cb, "on_optimizer_step")
-        ]
+        step_hooks = self.hooks("on_optimizer_step")
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
         window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch

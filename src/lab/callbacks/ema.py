@@ -6,9 +6,12 @@ BatchNorm statistics) after every optimizer step. With `warmup` the decay starts
 
 Every validation also evaluates the averaged weights as `val_ema/<metric>` (they can be `checkpoint.monitor`).
 `evaluate_with: ema` makes them the weights that count: the final evaluation, `best.pt`'s inference weights
-(`lab.checkpoint.inference_weights`, used by predict and export) and `train=false` evaluation use them; the raw
+(`lab.models.weights.inference_weights`, used by predict and export) and `train=false` evaluation use them; the raw
 weights stay under the checkpoint's `model` so that training resumes exactly. Under DDP every rank averages its
 own (identical) weights, so no communication is needed.
+
+Checkpoints hold the averages of the tensors that train only: a frozen block's average is the block itself,
+which the checkpoint's `model` (or its frozen part's identity) already gives, so lean checkpoints stay lean.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lab.callbacks.base import Callback
 from lab.errors import UserError
+from lab.models.weights import load_model_state
 
 
-class EMA:
+class EMA(Callback):
     def __init__(
         self, decay: float = 0.9998, warmup: bool = True, evaluate_with: str = "ema", validate: bool = True
     ) -> None:
@@ -36,6 +41,7 @@ class EMA:
         self.decay, self.warmup = float(decay), bool(warmup)
         self.evaluate_with, self.validate = evaluate_with, bool(validate)
         self.averaged: AveragedModel | None = None
+        self.model: nn.Module | None = None  # the live model: which of its tensors are frozen now
         self.updates = 0  # update_parameters calls so far (= AveragedModel.n_averaged, kept on the host)
         self.resumed: dict[str, Any] | None = None
 
@@ -49,11 +55,13 @@ class EMA:
         get_ema_multi_avg_fn(self.current_decay())(ema, current, _n)
 
     def on_fit_start(self, trainer: Any) -> None:
+        self.model = trainer.model
         self.averaged = AveragedModel(trainer.model, multi_avg_fn=self._average, use_buffers=True)
         # AveragedModel tests `n_averaged == 0` every update: on the host that is no device synchronisation.
         self.averaged.n_averaged = self.averaged.n_averaged.cpu()
-        if self.resumed is not None:
-            self.averaged.module.load_state_dict(self.resumed["weights"])
+        if self.resumed is not None:  # the frozen tensors left out are the model's own (restored before)
+            load_model_state(self.averaged.module, self.resumed["weights"], "callbacks.ema",
+                             frozen=set(self.frozen_keys()))  # fmt: skip
             self.averaged.n_averaged.fill_(int(self.resumed["updates"]))
             self.updates = int(self.resumed["updates"])
             self.resumed = None
@@ -68,7 +76,7 @@ class EMA:
             return
         self.swap(trainer.model)
         try:
-            values = trainer.evaluate("val", trainer.cfg.limit_val_batches)
+            values = trainer.evaluate("val", trainer.batch_limit("val"))
         finally:
             self.swap(trainer.model)
         metrics.update({"val_ema/" + key.split("/", 1)[1]: value for key, value in values.items()})
@@ -89,8 +97,16 @@ class EMA:
             a.copy_(b)
             b.copy_(kept)
 
+    def frozen_keys(self) -> list[str]:
+        """state_dict keys of tensors that do not train now (a frozen backbone's): their averages are not kept."""
+        return self.model.frozen_keys() if hasattr(self.model, "frozen_keys") else []
+
     def state_dict(self) -> dict[str, Any]:
-        weights = self.averaged.module.state_dict() if self.averaged is not None else self.resumed["weights"]
+        if self.averaged is None:
+            weights = self.resumed["weights"]
+        else:
+            frozen = set(self.frozen_keys())
+            weights = {k: v for k, v in self.averaged.module.state_dict().items() if k not in frozen}
         return {"weights": weights, "updates": self.updates,
                 "inference_weights": self.evaluate_with == "ema"}  # fmt: skip
 

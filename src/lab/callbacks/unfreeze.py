@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lab.callbacks.base import Callback
 from lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class UnfreezeBackbone:
+class UnfreezeBackbone(Callback):
     """Once `epoch` epochs are complete, `model.unfreeze()` lets the frozen blocks train.
 
     Their parameters are in the optimizer from the start (in the `backbone` group, with its lr scale and the
@@ -25,7 +26,7 @@ class UnfreezeBackbone:
     def on_fit_start(self, trainer: Any) -> None:
         if self.epoch is None:
             return
-        if trainer.reduce is not None:  # DDP registers the parameters that train when it wraps the model
+        if trainer.distributed:  # DDP registers the parameters that train when it wraps the model
             raise UserError("DistributedDataParallel is built once, with the parameters that train from the start",
                             "model.unfreeze_at_epoch", "under torchrun use model.unfreeze_at_epoch=null (and "
                             "model.freeze=false to fine-tune everything), or train on one process")  # fmt: skip

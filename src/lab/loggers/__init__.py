@@ -1,7 +1,8 @@
 """Experiment loggers, built from `conf/logger/*.yaml`: one small interface, one file per backend, a fan-out.
 
-The training loop only ever talks to a `LoggerFanOut`; it never imports a logging library. A backend overrides the
-methods it supports; the others do nothing for it (CSV has no place for text, say).
+The training loop only ever talks to a `LoggerFanOut`; it never imports a logging library. A backend subclasses
+`Logger` (or is refused) and overrides the methods it supports; the others do nothing for it (CSV has no place for
+text, say).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ class Logger:
         """Flush and release files; `status` is success, failed or interrupted."""
 
 
-class LoggerFanOut:
-    """Forwards every call to each configured logger (none at all for `logger=none` or on non-zero ranks)."""
+class LoggerFanOut(Logger):
+    """Forwards every call to each configured logger (none at all for `logger=none` or on non-zero ranks).
+
+    Each of `Logger`'s methods is written out here: a method that is not is no logging call at all.
+    """
 
     def __init__(self, loggers: Mapping[str, Logger]) -> None:
         self.loggers = dict(loggers)
@@ -84,22 +88,61 @@ class LoggerFanOut:
     def __bool__(self) -> bool:
         return bool(self.loggers)
 
-    def __getattr__(self, name: str):
-        # Every other logger method (log_text, log_hparams, media added by backends) goes to each logger having it.
-        if name.startswith("_"):
-            raise AttributeError(name)
-
-        def fan_out(*args: Any, **kwargs: Any) -> None:
-            for logger in self.loggers.values():
-                method = getattr(logger, name, None)
-                if callable(method):
-                    method(*args, **kwargs)
-
-        return fan_out
-
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for logger in self.loggers.values():
             logger.log_metrics(metrics, step)
+
+    def log_hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        for logger in self.loggers.values():
+            logger.log_hparams(params, metrics)
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        for logger in self.loggers.values():
+            logger.log_text(tag, text, step)
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        for logger in self.loggers.values():
+            logger.log_config(config)
+
+    def log_figure(self, tag: str, figure: Any, step: int) -> None:
+        for logger in self.loggers.values():
+            logger.log_figure(tag, figure, step)
+
+    def log_images(self, tag: str, images: Tensor, step: int) -> None:
+        for logger in self.loggers.values():
+            logger.log_images(tag, images, step)
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        for logger in self.loggers.values():
+            logger.log_histogram(tag, values, step)
+
+    def log_histograms(self, values: Mapping[str, Tensor], step: int) -> None:
+        for logger in self.loggers.values():
+            logger.log_histograms(values, step)
+
+    def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
+        for logger in self.loggers.values():
+            logger.log_graph(model, example_input)
+
+    def log_pr_curves(
+        self, tag: str, targets: Tensor, probs: Tensor, class_names: list[str], step: int
+    ) -> None:
+        for logger in self.loggers.values():
+            logger.log_pr_curves(tag, targets, probs, class_names, step)
+
+    def log_embedding(
+        self, tag: str, features: Tensor, labels: list[str], images: Tensor | None, step: int
+    ) -> None:
+        for logger in self.loggers.values():
+            logger.log_embedding(tag, features, labels, images, step)
+
+    def log_export(self, path: Path) -> None:
+        for logger in self.loggers.values():
+            logger.log_export(path)
+
+    def watch(self, model: nn.Module) -> None:
+        for logger in self.loggers.values():
+            logger.watch(model)
 
     def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
         for name, logger in self.loggers.items():
@@ -125,11 +168,16 @@ def build_loggers(cfg: DictConfig | None) -> LoggerFanOut:
         if conf is None:
             continue
         try:
-            loggers[name] = instantiate(conf)
+            logger = instantiate(conf)
         except InstantiationException as e:  # a backend's own check (bad option, missing package): one line
             if isinstance(e.__cause__, UserError):
                 raise e.__cause__ from None
             raise
+        if not isinstance(logger, Logger):
+            kind = f"{type(logger).__module__}.{type(logger).__qualname__}"
+            raise UserError(f"{kind} is no lab.loggers.Logger", f"logger.{name}",
+                            "subclass lab.loggers.Logger and override the methods your backend supports")  # fmt: skip
+        loggers[name] = logger
     return LoggerFanOut(loggers)
 
 

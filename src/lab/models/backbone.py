@@ -143,15 +143,32 @@ class Backbone(nn.Module):
                 f"unknown value {cache_features!r}", "model.cache_features", "use auto, true or false"
             )
         self.frozen = units[:count]
+        # Tensors outside every block (ViT's class token) sit at the input: frozen with the first block.
+        in_blocks = {id(p) for unit in units for p in unit.parameters()}
+        loose = [p for p in self.features.parameters() if id(p) not in in_blocks]
+        self.frozen_loose = loose if count else []
         for unit in self.frozen:
             unit.requires_grad_(False)
+        for param in self.frozen_loose:
+            param.requires_grad_(False)
+        self.blocks_total = len(units)
         self.unfreeze_at_epoch = unfreeze_at_epoch if self.frozen else None
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.cache_features = cache_features
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        log.info("%s: %d of %d blocks frozen, %s of %s parameters trainable", name, count, len(units),
-                 f"{trainable:,}", f"{total:,}")  # fmt: skip
+        log.info("%s, %s of %s parameters trainable", self.describe_frozen(), f"{trainable:,}", f"{total:,}")
+
+    def describe_frozen(self, with_fingerprint: bool = False) -> str:
+        """`resnet18 weights=DEFAULT: 10 of 10 blocks frozen`: what the log and every refusal say of the model."""
+        source = f"weights_path={self.weights_path}" if self.weights_path else (
+            f"weights={self.weights}" if self.weights is not None else "weights=null (random)")  # fmt: skip
+        count = len(self.frozen)
+        frozen = f"{count} of {self.blocks_total} blocks frozen" if count else "nothing frozen"
+        identity = self.frozen_identity() if with_fingerprint else None
+        return f"{self.name} {source}: {frozen}" + (
+            f" (fingerprint {identity['fingerprint']})" if identity else ""
+        )
 
     @staticmethod
     def _build(name: str, weights: str | None, weights_path: str | None) -> nn.Module:
@@ -161,11 +178,12 @@ class Backbone(nn.Module):
             net = get_model(name, weights=None)
             path = Path(str(weights_path))
             if not path.is_file():
-                raise UserError(
-                    "weights file not found", f"model.weights_path={path}", "give a state_dict file"
-                )
+                raise UserError("weights file not found", f"model.weights_path={path}",
+                                "give a state_dict file; a lean checkpoint (the default) rebuilds its frozen "
+                                "backbone from this file: put it back, or use the model.pt of export.py, "
+                                "which stands alone")  # fmt: skip
             state = torch.load(path, map_location="cpu", weights_only=True)
-            from lab.checkpoint import load_model_state
+            from lab.models.weights import load_model_state
 
             load_model_state(net, state.get("state_dict", state), f"model.weights_path={path}")
             return net
@@ -214,15 +232,19 @@ class Backbone(nn.Module):
     def unfreeze(self) -> int:
         """Let the frozen blocks train (`lab.callbacks.unfreeze.UnfreezeBackbone`); returns the parameter count."""
         freed = sum(p.numel() for unit in self.frozen for p in unit.parameters())
+        freed += sum(p.numel() for p in self.frozen_loose)
         for unit in self.frozen:
             unit.requires_grad_(True)
-        self.frozen = []
+        for param in self.frozen_loose:
+            param.requires_grad_(True)
+        self.frozen, self.frozen_loose = [], []
         self.train(self.training)
         return freed
 
     def frozen_keys(self) -> list[str]:
         """state_dict keys of the frozen blocks: parameters and buffers that training never changes."""
         frozen = {id(t) for unit in self.frozen for t in (*unit.parameters(), *unit.buffers())}
+        frozen |= {id(t) for t in self.frozen_loose}
         return [key for key, t in self.state_dict(keep_vars=True).items() if id(t) in frozen]
 
     def frozen_identity(self) -> dict[str, Any] | None:
@@ -245,6 +267,26 @@ class Backbone(nn.Module):
             }
         return dict(self._identity)
 
+    def frozen_weights(self, keys: list[str], expected: str) -> dict[str, Tensor] | None:
+        """The tensors `keys` of a lean checkpoint's frozen part, whose fingerprint was `expected`; None when this
+        model's weights source gives other ones.
+
+        While the same blocks are frozen they are the model's own; after `unfreeze()` (they have trained since),
+        or with another freeze, they are rebuilt from `weights`/`weights_path`. Random weights have no source.
+        """
+        own = self.frozen_identity()
+        state = self.state_dict()
+        if own is not None and own["fingerprint"] == expected and set(keys) == set(self.frozen_keys()):
+            return {key: state[key] for key in keys}
+        if self.weights is None and not self.weights_path:
+            return None
+        source = {f"features.{k}": v for k, v in self._build(self.name, self.weights, self.weights_path)
+                  .state_dict().items()}  # fmt: skip
+        if not keys or any(key not in source for key in keys):
+            return None
+        rebuilt = {key: source[key] for key in keys}
+        return rebuilt if fingerprint(rebuilt) == expected else None
+
     def features_fingerprint(self) -> str:
         """Fingerprint of the whole backbone (`features`), e.g. to key cached features on disk."""
         return fingerprint({k: v for k, v in self.state_dict().items() if k.startswith("features.")})
@@ -259,10 +301,3 @@ def fingerprint(tensors: dict[str, Tensor]) -> str:
         if t.numel():
             digest.update(t.view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:16]
-
-
-def describe(identity: dict[str, Any]) -> str:
-    """`resnet18 weights=DEFAULT (fingerprint 1a2b...)` for error messages."""
-    source = f"weights_path={identity['weights_path']}" if identity.get("weights_path") else (
-        f"weights={identity.get('weights')}")  # fmt: skip
-    return f"{identity['name']} {source} (fingerprint {identity['fingerprint']})"
