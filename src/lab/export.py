@@ -177,7 +177,12 @@ def check_onnx(model: Any, path: Path, example: Any) -> float | None:
     for x in (example, torch.cat([example, example, example[:1]])):  # the batch axis is dynamic
         with torch.no_grad():
             expected = model(x)
-        (got,) = session.run(["predictions"], {"input": x.numpy()})
+        try:
+            (got,) = session.run(["predictions"], {"input": x.numpy()})
+        except Exception as e:  # e.g. a forward that fixes the batch size (`len(x)` in a reshape)
+            raise UserError(f"onnxruntime cannot run the ONNX model on a batch of {len(x)} "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:150]})", str(path),
+                            "make the model's forward independent of the batch size (e.g. x.flatten(1))") from None  # fmt: skip
         got = torch.from_numpy(got)
         if got.shape != expected.shape or not torch.allclose(got, expected, atol=ONNX_ATOL, rtol=ONNX_RTOL):
             raise UserError(f"onnxruntime's outputs differ from PyTorch's (max diff {(got - expected).abs().max():.2e})",

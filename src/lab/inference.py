@@ -100,7 +100,7 @@ class RawInputModel(nn.Module):
             return outputs.softmax(1)
         if kind == "sigmoid":
             return outputs.sigmoid()
-        outputs = outputs.reshape(len(outputs), -1)
+        outputs = outputs.flatten(1) if outputs.ndim > 1 else outputs.unsqueeze(1)  # (N, targets)
         return outputs * self.target_std + self.target_mean if self.target_std is not None else outputs
 
     def forward(self, x: Tensor) -> Tensor:
