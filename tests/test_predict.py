@@ -174,6 +174,14 @@ def test_table_rows_give_the_same_numbers_from_best_pt_model_pt_and_onnx(task: s
     assert np.allclose([[float(v) for v in line[1 : 1 + len(from_best.columns)]] for line in lines[1:]],
                        from_best.values, rtol=1e-5, atol=1e-6)  # fmt: skip
 
+    # monitor=full drew what applies to the task, on the final weights too.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    curves = set(events.PluginTagToContent("pr_curves")) if task != "regression" else set()
+    assert (task == "regression") == (not curves)
+    assert {f"final/test/pr_curve/{c}" for c in from_best.columns} <= curves or task == "regression"
+
 
 def test_a_table_row_that_is_not_a_number_is_named(tmp_path: Path) -> None:
     run(compose_config([*QUICK, "dataset=wine", "model=mlp", "trainer.max_epochs=1"], tmp_path / "run"))

@@ -91,11 +91,12 @@ class Monitor:
 
     @torch.inference_mode()
     def predict(self, trainer: Any, stage: str) -> tuple[Tensor, Tensor]:
-        """Softmax probabilities and targets over a split (as far as `trainer.limit_<stage>_batches` goes), from
-        every rank under DDP."""
+        """Probabilities (softmax, or sigmoid for multi-label tasks) and targets over a split (as far as
+        `trainer.limit_<stage>_batches` goes), from every rank under DDP."""
         probs, targets = [], []
+        multilabel = trainer.task.output == "sigmoid"
         for logits, _, y in trainer.outputs(stage, trainer.cfg.get(f"limit_{stage}_batches")):
-            probs.append(logits.float().softmax(1))
+            probs.append(logits.float().sigmoid() if multilabel else logits.float().softmax(1))
             targets.append(y)
         return gather(torch.cat(probs).cpu()), gather(torch.cat(targets).cpu())
 
@@ -206,7 +207,13 @@ class Monitor:
             figure = confusion_figure(matrix, self.class_names, f"{title}: {len(targets)} samples")
             trainer.loggers.log_figure(f"{tag}/confusion_matrix", figure, step)
         if self.drawn("pr_curves") and (not every_epoch or due(cfg.pr_curves.every_n_epochs, epoch)):
-            trainer.loggers.log_pr_curves(f"{tag}/pr_curve", targets, probs, self.class_names, step)
+            if targets.ndim == 2:  # multi-label: each label present or not, `<tag>/pr_curve/<label>`
+                for i, name in enumerate(self.class_names):
+                    p = probs[:, i]
+                    trainer.loggers.log_pr_curves(f"{tag}/pr_curve", targets[:, i].long(),
+                                                  torch.stack([1 - p, p], 1), [f"not {name}", name], step)  # fmt: skip
+            else:
+                trainer.loggers.log_pr_curves(f"{tag}/pr_curve", targets, probs, self.class_names, step)
 
     def log_embedding(self, trainer: Any) -> None:
         """The first `embedding.count` validation samples of every rank (gathered under DDP)."""
