@@ -103,8 +103,9 @@ class Monitor:
     # ------------------------------------------------------------ hooks
     def setup(self, trainer: Any) -> None:
         self.figures, self.class_names = trainer.task.figures, list(trainer.class_names)
-        self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
         self.active = any_rank(bool(trainer.loggers), trainer.device)
+        if self.active:  # no pass over the data when nothing is logged
+            self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
 
     def on_fit_start(self, trainer: Any) -> None:
         cfg, loggers, step = self.cfg, trainer.loggers, trainer.state.global_step
