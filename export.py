@@ -1,7 +1,7 @@
 """Export a checkpoint for sharing: `python export.py ckpt_path=<run>/checkpoints/best.pt [formats=[...]]`.
 
-Writes model.pt (plain state_dict), model.safetensors, model.onnx, model.yaml, class_names.json into
-<run>/export/. Options (key=value, defaults in conf/export.yaml). See docs/export.md.
+Writes model.yaml + model.pt (a module that takes raw inputs), model.safetensors, model.onnx, README.md (the raw
+input it expects), class_names.json into <run>/export/. Options (key=value, defaults in conf/export.yaml). See docs/export.md.
 """
 
 import sys

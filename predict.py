@@ -1,6 +1,7 @@
-"""Top-k classes per image from a checkpoint: `python predict.py ckpt_path=best.pt inputs=<image or folder>`.
+"""What the task predicts, from raw inputs: `python predict.py ckpt_path=best.pt inputs=<image, folder or CSV>`.
 
-Options (key=value): top_k=5, device=auto, batch_size=32. See docs/transfer-learning.md.
+Options (key=value): output=<file.csv> (one row per input), top_k=5, device=auto, batch_size=32. See
+docs/export.md.
 """
 
 import sys

@@ -34,14 +34,18 @@ def test_media_of_a_full_run(full_run: Path) -> None:
     # Image grid of a training batch once; a predictions figure per epoch; confusion matrices on val and test.
     assert len(acc.Images("train/images")) == 1
     assert [e.step for e in acc.Images("val/predictions")] == [4, 8]  # 2 epochs of 4 steps
-    assert len(acc.Images("val/confusion_matrix")) == 2 + 1  # each epoch, then at the end
-    assert len(acc.Images("test/confusion_matrix")) == 1
+    assert len(acc.Images("val/confusion_matrix")) == 2  # each epoch
+    # At the end, on the evaluated weights: tagged apart from the epochs' figures.
+    assert (
+        len(acc.Images("final/val/confusion_matrix")) == 1
+        and len(acc.Images("final/test/confusion_matrix")) == 1
+    )
     # Histograms of every parameter and its gradient, every 2 steps over 8 steps.
     assert {e.step for e in acc.Histograms("weights/features.0.0.weight")} == {2, 4, 6, 8}
     assert len(acc.Histograms("grads/head.1.weight")) == 4
     # One PR curve per class (digits: 10) on val and test.
     pr = acc.PluginTagToContent("pr_curves")
-    assert {f"val/pr_curve/{c}" for c in range(10)} <= set(pr) and "test/pr_curve/9" in pr
+    assert {f"final/val/pr_curve/{c}" for c in range(10)} <= set(pr) and "final/test/pr_curve/9" in pr
     # Text: resolved config and model summary.
     assert {"config/text_summary", "model_summary/text_summary"} <= set(acc.PluginTagToContent("text"))
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -53,8 +57,8 @@ def test_media_of_a_full_run(full_run: Path) -> None:
 def test_embedding_projector(full_run: Path) -> None:
     log_dir = full_run / "tensorboard"
     config = (log_dir / "projector_config.pbtxt").read_text()
-    assert 'tensor_name: "val/features:00008"' in config and "sprite" in config
-    folder = log_dir / "00008" / "val%2ffeatures"
+    assert 'tensor_name: "final/val/features:00008"' in config and "sprite" in config
+    folder = log_dir / "00008" / "final%2fval%2ffeatures"
     rows = (folder / "tensors.tsv").read_text().strip().splitlines()
     assert len(rows) == 40 and len(rows[0].split("\t")) == 64  # SimpleCNN width 32 → 64 penultimate features
     labels = (folder / "metadata.tsv").read_text().split()
@@ -78,8 +82,8 @@ def test_evaluation_only_run_logs_the_end_of_training_media(full_run: Path, tmp_
     best = full_run / "checkpoints" / "best.pt"
     train(run_dir, "train=false", f"ckpt_path={best}", "monitor=full", "monitor.embedding.count=10")
     acc = events(run_dir / "tensorboard")
-    assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(acc.Tags()["images"])
-    assert {"val/pr_curve/0", "test/pr_curve/9"} <= set(acc.PluginTagToContent("pr_curves"))
+    assert {"final/val/confusion_matrix", "final/test/confusion_matrix"} <= set(acc.Tags()["images"])
+    assert {"final/val/pr_curve/0", "final/test/pr_curve/9"} <= set(acc.PluginTagToContent("pr_curves"))
     assert (run_dir / "tensorboard" / "projector_config.pbtxt").is_file()
 
 
@@ -89,6 +93,25 @@ def test_monitor_none_logs_only_scalars_and_text(tmp_outputs: Path) -> None:
     tags = events(run_dir / "tensorboard").Tags()
     assert not tags["graph"] and not tags["images"] and not tags["histograms"]
     assert "train/loss" in tags["scalars"]
+
+
+def test_final_figures_name_the_weights_they_show(full_run: Path) -> None:
+    """The final confusion matrix is drawn on the weights metrics.json reports, and its title says which."""
+    import json
+    from unittest import mock
+
+    from lab import monitor
+
+    titles: list[str] = []
+    real = monitor.confusion_figure
+    with mock.patch.object(
+        monitor, "confusion_figure", lambda m, n, title="": titles.append(title) or real(m, n, title)
+    ):
+        train(full_run.parent / "again", *TINY, "monitor=full", "monitor.embedding.enabled=false")
+    weights = json.loads((full_run.parent / "again" / "metrics.json").read_text())["weights"]
+    assert weights.startswith("best.pt, epoch ") and weights.endswith("trained weights")
+    assert titles[-2:] == [f"val, {weights}: 180 samples", f"test, {weights}: 359 samples"]
+    assert titles[0] == "val, epoch 1: 180 samples"
 
 
 def test_confusion_matrix_counts() -> None:
@@ -102,3 +125,20 @@ def test_predictions_figure_titles_green_when_right_red_when_wrong() -> None:
     titles = [ax.title for ax in figure.axes if ax.get_title()]
     assert [t.get_text() for t in titles] == ["b\n(true: b)", "c\n(true: a)", "a\n(true: a)"]
     assert [t.get_color() for t in titles] == ["green", "red", "green"]
+
+
+@pytest.mark.slow
+def test_under_ddp_the_final_figures_cover_the_whole_split(tmp_path: Path) -> None:
+    """Two CPU processes (real torchrun, gloo): each evaluates half of val; the figures hold all 180 samples."""
+    from test_ddp import only_run_dir, torchrun
+
+    torchrun(tmp_path, *TINY, "logger=tensorboard", "monitor=full", "monitor.embedding.count=1000",
+             "model=simple_cnn", "dataset.batch_size=32")  # fmt: skip
+    log_dir = only_run_dir(tmp_path) / "tensorboard"
+    acc = events(log_dir)
+    for stage, size in (("val", 180), ("test", 359)):  # digits' splits
+        (curve,) = acc.Tensors(f"final/{stage}/pr_curve/3")
+        counts = torch.tensor(curve.tensor_proto.float_val).view(6, -1)  # TP, FP, TN, FN, precision, recall
+        assert int(counts[:4, 0].sum()) == size  # every sample once, from both ranks
+    (folder,) = [p for p in log_dir.iterdir() if p.is_dir() and (p / "final%2fval%2ffeatures").is_dir()]
+    assert len((folder / "final%2fval%2ffeatures" / "tensors.tsv").read_text().strip().splitlines()) == 180

@@ -219,30 +219,3 @@ def test_labels_outside_num_classes_fail_when_the_dataset_is_built(tmp_path: Pat
     with pytest.raises(UserError) as error:
         build_data(cfg.dataset)
     assert "dataset.num_classes" in str(error.value) and "0..9" in str(error.value)
-
-
-def test_predict_on_a_csv_table_standardises_like_training(tmp_path: Path) -> None:
-    from hydra.utils import instantiate
-
-    from lab.data import build_data
-    from lab.predict import predict_table
-
-    train_in_process(tmp_path / "run", *REGRESSION, "trainer.max_epochs=1")
-    best = tmp_path / "run" / "checkpoints" / "best.pt"
-    rows = build_data(compose_config([*QUICK, *REGRESSION], tmp_path).dataset)  # standardised splits
-    from lab.data.tabular import SklearnTable
-
-    raw = SklearnTable("diabetes").data[:4]
-    table = tmp_path / "rows.csv"
-    table.write_text(
-        "age,sex,bmi,bp,s1,s2,s3,s4,s5,s6\n" + "\n".join(",".join(map(str, r.tolist())) for r in raw)
-    )
-    results = predict_table(best, table, device="cpu")
-    stats = ckpt.load(best)["standardize"]
-    model = instantiate(compose_config([*QUICK, *REGRESSION], tmp_path).model)
-    model.load_state_dict(ckpt.load(best)["model"])
-    with torch.no_grad():
-        expected = model.eval()((raw - torch.tensor(stats["mean"])) / torch.tensor(stats["std"])).squeeze(1)
-    assert [r[0] for r in results] == ["0", "1", "2", "3"]
-    assert [v for _, [(_, v)] in results] == pytest.approx(expected.tolist(), rel=1e-5)
-    assert rows.extra["standardize"] == stats  # the training split's statistics

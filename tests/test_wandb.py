@@ -96,7 +96,13 @@ def test_offline_run_has_config_history_summary_and_checkpoint(tmp_outputs: Path
     rows = run["history"]
     keys = set().union(*rows)
     assert {"train/loss", "train/acc", "train/grad_norm", "lr", "val/loss", "val/acc", "epoch_time"} <= keys
-    assert {"train/images", "val/pr_curve_table", "test/pr_curve_table", "config", "model_summary"} <= keys
+    assert {
+        "train/images",
+        "final/val/pr_curve_table",
+        "final/test/pr_curve_table",
+        "config",
+        "model_summary",
+    } <= keys
     assert rows[0]["train/images"]["count"] == 32
     steps = [row["_step"] for row in rows if "train/loss" in row]
     assert steps == [2, 4, 6, 8]

@@ -1,14 +1,15 @@
 """Share a trained model: `python export.py ckpt_path=<run>/checkpoints/best.pt [formats=[...]]`. → conf/export.yaml
 
-Writes `<run>/export/` (beside the `checkpoints/` folder):
+Writes `<run>/export/` (beside the `checkpoints/` folder); the exported model takes RAW inputs and answers what
+predict.py answers (`lab.inference.RawInputModel`: the checkpoint's `preprocess` record around the model):
 
-- `model.pt`: a plain, complete state_dict (also from a lean checkpoint): the tutorials' two lines, instantiate
-  `model.yaml` and `load_state_dict` what torch loads from `model.pt`, rebuild the model (docs/export.md)
-- `model.safetensors`: the same tensors in the safetensors format
-- `model.onnx`: dynamic batch axis, input `input` (N, C, H, W) normalised like training, output `logits`;
-  checked against PyTorch with onnxruntime when it is installed
-- `model.yaml` (the model's config, weights off: they are all in model.pt), `class_names.json`, `config.yaml`
-  (the run's resolved config: preprocessing for `predict.py`)
+- `model.yaml`: the raw-input module (the model's config, weights off, and the record); the tutorials' two lines,
+  instantiate `model.yaml` and `load_state_dict` what torch loads from `model.pt`, rebuild it (docs/export.md)
+- `model.pt`: the model's plain, complete state_dict (also from a lean checkpoint); `model.safetensors`: the same
+- `model.onnx`: the raw-input module, dynamic batch axis, input `input`, output `predictions`; checked against
+  PyTorch with onnxruntime when it is installed
+- `README.md`: the raw input it expects (dtype, shape, value range, column order) and what it answers
+- `class_names.json`, `config.yaml` (the run's resolved config)
 
 `export=[state_dict,onnx]` on `train.py` does the same for `best.pt` at the end of training (`maybe_export`).
 """
@@ -57,30 +58,75 @@ def export(
     """Write the export folder for `ckpt_path` (see the module docstring); returns its path."""
     import torch
 
-    from lab.predict import load_model
+    from lab.predict import load
 
     formats = check_formats(formats)
     ckpt_path = Path(str(ckpt_path))
-    model, config, class_names = load_model(ckpt_path, torch.device("cpu"))
+    model, config, record = load(ckpt_path, torch.device("cpu"))
     out = Path(str(out_dir)) if out_dir else export_dir_for(ckpt_path)
     out.mkdir(parents=True, exist_ok=True)
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
     if "state_dict" in formats:
-        torch.save(state, out / "model.pt")
+        torch.save({key: value.contiguous() for key, value in model.state_dict().items()}, out / "model.pt")
     if "safetensors" in formats:
-        save_safetensors(model, out / "model.safetensors")
+        save_safetensors(model.model, out / "model.safetensors")
     if "onnx" in formats:
-        example = torch.rand(2, *(int(n) for n in config["dataset"]["input_shape"]))  # images or table rows
-        save_onnx(model, example, out / "model.onnx", opset, check)
+        save_onnx(model, raw_example(record), out / "model.onnx", opset, check)
     model_cfg = dict(config["model"])
     for key in ("weights", "weights_path"):  # every weight is in model.pt: no download, no file needed
         if key in model_cfg:
             model_cfg[key] = None
-    (out / "model.yaml").write_text(OmegaConf.to_yaml(model_cfg))
+    spec = {
+        "_target_": "lab.inference.RawInputModel",
+        "_convert_": "all",
+        "model": model_cfg,
+        "preprocess": record,
+    }
+    (out / "model.yaml").write_text(OmegaConf.to_yaml(spec))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    (out / "class_names.json").write_text(json.dumps({"class_names": class_names}, indent=2) + "\n")
+    (out / "class_names.json").write_text(json.dumps({"class_names": record["names"]}, indent=2) + "\n")
+    (out / "README.md").write_text(describe(record, formats))
     log.info("exported %s (%s) to %s", ckpt_path, ", ".join(formats), out)
     return out
+
+
+def raw_example(record: dict[str, Any]) -> Any:
+    """Two raw inputs as the export takes them: uint8 images, or float32 table rows."""
+    import torch
+
+    shape = (2, *(int(n) for n in record["shape"]))
+    generator = torch.Generator().manual_seed(0)
+    if record["input"] == "image":
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    return torch.randn(shape, generator=generator) * torch.tensor(record.get("std") or 1.0) + torch.tensor(
+        record.get("mean") or 0.0
+    )  # rows around the training data's values
+
+
+def describe(record: dict[str, Any], formats: Sequence[str]) -> str:
+    """export/README.md: what goes in and what comes out, for someone who has only this folder."""
+    names = ", ".join(record["names"])
+    if record["input"] == "image":
+        c, h, w = record["shape"]
+        given = (f"`uint8` images, shape (N, {c}, {h}, {w}) (N, channels, height, width), values 0..255, "
+                 f"{'grayscale' if c == 1 else 'RGB'}. Resize (short side to {h}) and centre-crop to {h}×{w} "
+                 f"first: that is the one step outside the model. Inside: /255, then (x - mean) / std with "
+                 f"mean {record['mean']} and std {record['std']}.")  # fmt: skip
+    else:
+        columns = record.get("feature_names") or [f"column {i + 1}" for i in range(record["shape"][0])]
+        inside = ("Inside: each column is standardised with the training split's mean and std (model.yaml, "
+                  "`preprocess`)." if record.get("mean") else "The model takes them as they are.")  # fmt: skip
+        given = (f"`float32` rows, shape (N, {record['shape'][0]}), the raw values as the table holds them, "
+                 f"columns in this order: {', '.join(columns)}. {inside}")  # fmt: skip
+    answer = {
+        "softmax": f"class probabilities (N, {len(record['names'])}), each row sums to 1; columns: {names}",
+        "sigmoid": f"one probability per label (N, {len(record['names'])}); a label is predicted when it is at "
+        f"least {record['threshold']}; columns: {names}",
+        "identity": f"values in the target's units (N, {len(record['names'])}); columns: {names}",
+    }[record["output"]]
+    files = ["model.yaml + model.pt"] + ["model.onnx"] * ("onnx" in formats)
+    return (f"# Exported model\n\nInput ({' and '.join(files)}; ONNX input name `input`): {given}\n\n"
+            f"Output (ONNX output name `predictions`): {answer}.\n\n"
+            "The same numbers as `python predict.py ckpt_path=model.pt inputs=...` on the same raw inputs.\n")  # fmt: skip
 
 
 def save_safetensors(model: Any, path: Path) -> None:
@@ -105,7 +151,7 @@ def save_onnx(model: Any, example: Any, path: Path, opset: int | None = None, ch
     model = model.eval()
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per optimisation pass otherwise
     try:
-        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["predictions"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
                           dynamo=True, verbose=False, external_data=False)  # fmt: skip
     except Exception as e:
@@ -131,7 +177,12 @@ def check_onnx(model: Any, path: Path, example: Any) -> float | None:
     for x in (example, torch.cat([example, example, example[:1]])):  # the batch axis is dynamic
         with torch.no_grad():
             expected = model(x)
-        (got,) = session.run(["logits"], {"input": x.numpy()})
+        try:
+            (got,) = session.run(["predictions"], {"input": x.numpy()})
+        except Exception as e:  # e.g. a forward that fixes the batch size (`len(x)` in a reshape)
+            raise UserError(f"onnxruntime cannot run the ONNX model on a batch of {len(x)} "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:150]})", str(path),
+                            "make the model's forward independent of the batch size (e.g. x.flatten(1))") from None  # fmt: skip
         got = torch.from_numpy(got)
         if got.shape != expected.shape or not torch.allclose(got, expected, atol=ONNX_ATOL, rtol=ONNX_RTOL):
             raise UserError(f"onnxruntime's outputs differ from PyTorch's (max diff {(got - expected).abs().max():.2e})",

@@ -3,9 +3,10 @@
 Model graph and a grid of training images once at the start; weight/gradient histograms every N steps; a
 "predictions vs. actuals" figure on a fixed validation batch every N epochs; a confusion matrix and per-class
 precision-recall curves on val/test; an embedding projector of penultimate features at the end (the last two on
-the final, best weights). Everything goes to
-the logger fan-out (each backend shows what it can), and nothing runs when there is no logger. matplotlib is
-imported only when a figure is on.
+the final weights, tagged `final/<stage>/...` and titled with the weights they show). The task says which figures
+apply to it (`Task.figures`). Under DDP the figures cover the whole split: every rank's predictions are gathered
+(every rank runs the hooks; rank 0 logs). Everything goes to the logger fan-out (each backend shows what it can),
+and nothing runs when no process has a logger. matplotlib is imported only when a figure is on.
 """
 
 from __future__ import annotations
@@ -52,15 +53,24 @@ class Monitor(Callback):
         self.batches_are_images = True  # false for tables, or a frozen backbone's cached features
         self.figures: frozenset[str] = frozenset()  # what the task can draw (set at the start)
         self.class_names: list[str] = []
+        self.active = False  # some process has a logger (the same on every rank: they gather together)
 
     def drawn(self, name: str) -> bool:
         """A figure that is switched on and that the task can draw."""
         return getattr(self.cfg, name).enabled and name in self.figures
 
     def labels(self, targets: Tensor) -> list[str]:
-        """Names of the targets: class names, or the values themselves (regression)."""
+        """Names of the targets: class names, the labels of multi-hot rows, or the values (regression)."""
+        if targets.ndim == 2 and self.class_names:  # multi-label: the labels that are on
+            return [
+                ";".join(n for n, on in zip(self.class_names, row, strict=False) if on)
+                for row in targets.tolist()
+            ]
         if targets.is_floating_point() or not self.class_names:
-            return [f"{v:.3g}" for v in targets.float().flatten().tolist()]
+            return [
+                " ".join(f"{v:.3g}" for v in row)
+                for row in targets.float().reshape(len(targets), -1).tolist()
+            ]
         return [self.class_names[i] for i in targets.tolist()]
 
     # ------------------------------------------------------------ helpers
@@ -83,23 +93,27 @@ class Monitor(Callback):
 
     @torch.inference_mode()
     def predict(self, trainer: Any, stage: str) -> tuple[Tensor, Tensor]:
-        """Softmax probabilities and targets over a split (as far as `trainer.limit_<stage>_batches` goes)."""
+        """Probabilities (softmax, or sigmoid for multi-label tasks) and targets over a split (as far as
+        `trainer.limit_<stage>_batches` goes), from every rank under DDP."""
         probs, targets = [], []
+        multilabel = trainer.task.output == "sigmoid"
         for logits, _, y in trainer.outputs(stage, trainer.batch_limit(stage)):
-            probs.append(logits.float().softmax(1))
+            probs.append(logits.float().sigmoid() if multilabel else logits.float().softmax(1))
             targets.append(y)
-        return torch.cat(probs).cpu(), torch.cat(targets).cpu()
+        return gather(torch.cat(probs).cpu()), gather(torch.cat(targets).cpu())
 
     # ------------------------------------------------------------ hooks
     def setup(self, trainer: Any) -> None:
         self.figures, self.class_names = trainer.task.figures, list(trainer.class_names)
-        self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
+        self.active = any_rank(bool(trainer.loggers), trainer.device)
+        if self.active:  # no pass over the data when nothing is logged
+            self.batches_are_images = self.first_samples(trainer, "val", 1)[0].ndim == 4
 
     def on_fit_start(self, trainer: Any) -> None:
         cfg, loggers, step = self.cfg, trainer.loggers, trainer.state.global_step
+        self.setup(trainer)
         if not loggers:
             return
-        self.setup(trainer)
         self.fixed_batch = self.first_samples(trainer, "val", max(cfg.predictions.count, 1))
         if not self.batches_are_images:
             log.info("monitor: the batches are not images (a table, or cached backbone features): no graph, "
@@ -141,10 +155,11 @@ class Monitor(Callback):
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         cfg, epoch = self.cfg, trainer.state.epoch
-        if not trainer.loggers:
+        if not self.active:
             return
         if (
-            self.drawn("predictions")
+            trainer.loggers
+            and self.drawn("predictions")
             and self.batches_are_images
             and due(cfg.predictions.every_n_epochs, epoch)
         ):
@@ -155,10 +170,11 @@ class Monitor(Callback):
             self.log_classification(trainer, "val", every_epoch=True)
 
     def on_final_evaluation(self, trainer: Any, metrics: dict[str, float]) -> None:
-        """After training, on the weights `metrics.json` reports (best.pt), also for `train=false` runs."""
-        if not trainer.loggers:
-            return
+        """After training, on the weights `metrics.json` reports (`trainer.evaluated_weights` says which), also
+        for `train=false` runs; tagged `final/...`, apart from the epochs' figures."""
         self.setup(trainer)
+        if not self.active:
+            return
         if self.drawn("confusion_matrix") or self.drawn("pr_curves"):
             for stage in self.cfg.stages:
                 self.log_classification(trainer, stage, every_epoch=False)
@@ -181,38 +197,74 @@ class Monitor(Callback):
         """Confusion matrix and PR curves of `stage`; per epoch only those whose `every_n_epochs` is due."""
         cfg, epoch, step = self.cfg, trainer.state.epoch, trainer.state.global_step
         probs, targets = self.predict(trainer, stage)
+        if not trainer.loggers:  # another rank logs what all of them gathered
+            return
+        tag = stage if every_epoch else f"final/{stage}"
+        title = f"{stage}, epoch {epoch}" if every_epoch else f"{stage}, {final_weights(trainer)}"
         if self.drawn("confusion_matrix") and (
             not every_epoch or due(cfg.confusion_matrix.every_n_epochs, epoch)
         ):
-            figure = confusion_figure(
-                confusion_matrix(probs.argmax(1), targets, len(self.class_names)), self.class_names
-            )
-            trainer.loggers.log_figure(f"{stage}/confusion_matrix", figure, step)
+            matrix = confusion_matrix(probs.argmax(1), targets, len(self.class_names))
+            figure = confusion_figure(matrix, self.class_names, f"{title}: {len(targets)} samples")
+            trainer.loggers.log_figure(f"{tag}/confusion_matrix", figure, step)
         if self.drawn("pr_curves") and (not every_epoch or due(cfg.pr_curves.every_n_epochs, epoch)):
-            trainer.loggers.log_pr_curves(f"{stage}/pr_curve", targets, probs, self.class_names, step)
+            if targets.ndim == 2:  # multi-label: each label present or not, `<tag>/pr_curve/<label>`
+                for i, name in enumerate(self.class_names):
+                    p = probs[:, i]
+                    trainer.loggers.log_pr_curves(f"{tag}/pr_curve", targets[:, i].long(),
+                                                  torch.stack([1 - p, p], 1), [f"not {name}", name], step)  # fmt: skip
+            else:
+                trainer.loggers.log_pr_curves(f"{tag}/pr_curve", targets, probs, self.class_names, step)
 
     def log_embedding(self, trainer: Any) -> None:
-        model = trainer.model
-        x, y = self.first_samples(trainer, "val", self.cfg.embedding.count)
-        labels = self.labels(y)
+        """The first `embedding.count` validation samples of every rank (gathered under DDP)."""
+        model, count = trainer.model, self.cfg.embedding.count
+        x, y = self.first_samples(trainer, "val", count)
         if not self.batches_are_images:  # the batches already are the penultimate features
-            trainer.loggers.log_embedding(
-                "val/features", x.flatten(1).float(), labels, None, trainer.state.global_step
-            )
+            features, images = x.flatten(1).float(), None
+        elif hasattr(model, "features"):
+            was_training = model.training
+            model.eval()
+            with torch.inference_mode(), trainer.autocast():
+                features = model.features(trainer.prepare(x)).flatten(1).float()
+            model.train(was_training)
+            images = gather(self.images(x))[:count]
+        else:
+            if trainer.loggers:
+                log.warning("embedding not logged: %s has no .features (input → penultimate vector)",
+                            type(model).__name__)  # fmt: skip
             return
-        if not hasattr(model, "features"):
-            log.warning(
-                "embedding not logged: %s has no .features (input → penultimate vector)", type(model).__name__
-            )
-            return
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode(), trainer.autocast():
-            features = model.features(trainer.prepare(x)).flatten(1).float()
-        model.train(was_training)
-        trainer.loggers.log_embedding(
-            "val/features", features, labels, self.images(x), trainer.state.global_step
-        )
+        features, y = gather(features.cpu())[:count], gather(y.cpu())[:count]
+        if trainer.loggers:
+            trainer.loggers.log_embedding("final/val/features", features, self.labels(y), images,
+                                          trainer.state.global_step)  # fmt: skip
+
+
+def final_weights(trainer: Any) -> str:
+    """Which weights the final figures show (set by `lab.train` before the final evaluation)."""
+    return getattr(trainer, "evaluated_weights", None) or "final weights"
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """`flag` on any process of a DDP job (all must call this together); `flag` itself otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather(values: Tensor) -> Tensor:
+    """`values` of every DDP process, concatenated in rank order (shards of different sizes allowed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values.cpu())
+    return torch.cat(parts)
 
 
 def default_settings() -> DictConfig:
@@ -256,7 +308,7 @@ def predictions_figure(images: Tensor, preds: Tensor, targets: Tensor, class_nam
     return figure
 
 
-def confusion_figure(matrix: Tensor, class_names: Sequence[str]) -> Any:
+def confusion_figure(matrix: Tensor, class_names: Sequence[str], title: str = "") -> Any:
     from matplotlib.figure import Figure
 
     n = len(class_names)
@@ -264,7 +316,7 @@ def confusion_figure(matrix: Tensor, class_names: Sequence[str]) -> Any:
     figure = Figure(figsize=(size, size), layout="constrained")
     ax = figure.subplots()
     ax.imshow(matrix.numpy(), cmap="Blues")
-    ax.set(xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n), title=title)
     ax.set_xticklabels([c[:12] for c in class_names], rotation=90, fontsize=7)
     ax.set_yticklabels([c[:12] for c in class_names], fontsize=7)
     if n <= 20:  # the counts in the cells while they are readable

@@ -1,14 +1,17 @@
-"""Predictions from a checkpoint: rebuild the model from its saved config, preprocess like training, print them.
+"""Predictions from a checkpoint or an export: raw inputs in, what the task predicts out, one row per input.
 
-`python predict.py ckpt_path=... inputs=<image file or folder | table.csv> [top_k=5] [device=auto] [batch_size=32]`
-(the same key=value syntax as train.py, parsed by OmegaConf). Images are read as the run's `dataset.channels`,
-resized (short side) and centre-cropped to `dataset.image_size`, and normalised with `dataset.mean`/`dataset.std`.
-A CSV file (one row of features per line, an optional header) is standardised with the training split's
-statistics saved in the checkpoint; each row gets its top-k classes, or the model's outputs for regression.
+`python predict.py ckpt_path=<best.pt | export/model.pt> inputs=<image file or folder | table.csv>
+[output=predictions.csv] [top_k=5] [device=auto] [batch_size=32]` (the same key=value syntax as train.py, parsed
+by OmegaConf). The model runs between the edges its checkpoint records (`lab.inference.RawInputModel`): images are
+read as files are (uint8, resized on the short side and centre-cropped to the model's input size: the one step
+outside the model); a CSV's feature columns are taken by name when it has a header (other columns, e.g. the
+target, are ignored), else in order. `output=` writes a CSV: the input's name (file path, or the table's line
+number), one column per class (probabilities) or target value, and the predicted label(s).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from omegaconf import OmegaConf
 
 from lab.errors import UserError
 
-DEFAULTS = {"ckpt_path": None, "inputs": None, "top_k": 5, "device": "auto", "batch_size": 32}
+DEFAULTS = {"ckpt_path": None, "inputs": None, "output": None, "top_k": 5, "device": "auto", "batch_size": 32}
 
 
 def image_paths(inputs: str | Path) -> list[Path]:
@@ -73,78 +76,163 @@ def load_model(
     return model.to(device).eval(), config, list(class_names)
 
 
-def predict(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5, device: str = "auto",
-            batch_size: int = 32) -> list[tuple[str, list[tuple[str, float]]]]:  # fmt: skip
-    """[(image path, [(class name, probability), ...top_k]), ...]"""
+def load(ckpt_path: str | Path, device: Any = "cpu") -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The raw-input model (`RawInputModel`) in eval mode, the run's config and the `preprocess` record.
+
+    An exported `model.pt` is loaded as the export says (model.yaml's module, then the state_dict); a lab
+    checkpoint's model is wrapped with the record it holds (derived from its config when it is older than that).
+    """
+    from lab import checkpoint as ckpt
+    from lab.inference import RawInputModel, record_from_config
+
+    beside = Path(str(ckpt_path)).parent
+    state = ckpt.load(ckpt_path)
+    if "config" not in state and (beside / "model.yaml").is_file() and (beside / "config.yaml").is_file():
+        spec = OmegaConf.load(beside / "model.yaml")
+        if spec.get("_target_") == f"{RawInputModel.__module__}.{RawInputModel.__name__}":
+            from hydra.utils import instantiate
+
+            model = instantiate(spec)
+            model.load_state_dict(state["model"])
+            config = OmegaConf.to_container(OmegaConf.load(beside / "config.yaml"))
+            return model.to(device).eval(), config, model.preprocess
+    model, config, class_names = load_model(ckpt_path, device, state)
+    record = state.get("preprocess") or record_from_config(config, state, class_names)
+    return RawInputModel(model, record).to(device).eval(), config, record
+
+
+@dataclass
+class Predictions:
+    """One row per input: its name, one value per column (class probabilities or target values), its label(s)."""
+
+    names: list[str]
+    columns: list[str]
+    values: list[list[float]]
+    labels: list[str]
+    output: str  # how they were made: softmax, sigmoid or identity (`lab.inference.OUTPUTS`)
+
+    def write_csv(self, path: str | Path) -> None:
+        import csv
+
+        label = {"softmax": ["prediction"], "sigmoid": ["labels"]}.get(self.output, [])
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["input", *self.columns, *label])
+            for name, values, labels in zip(self.names, self.values, self.labels, strict=True):
+                writer.writerow([name, *(f"{v:.6g}" for v in values), *([labels] if label else [])])
+
+    def lines(self, top_k: int) -> list[str]:
+        """What the console shows: top-k classes, the labels above the threshold, or the values."""
+        out = []
+        for name, values, labels in zip(self.names, self.values, self.labels, strict=True):
+            pairs = list(zip(self.columns, values, strict=True))
+            if self.output == "softmax":
+                pairs = sorted(pairs, key=lambda p: -p[1])[: max(1, top_k)]
+            text = "  ".join(
+                f"{c} {v:.3f}" if self.output != "identity" else f"{c} {v:.6g}" for c, v in pairs
+            )
+            out.append(
+                f"{name}\t{text}" + (f"\tlabels: {labels or '(none)'}" if self.output == "sigmoid" else "")
+            )
+        return out
+
+
+def predict(
+    ckpt_path: str | Path, inputs: str | Path, device: str = "auto", batch_size: int = 32
+) -> Predictions:
+    """Predictions for an image file, a folder of images, or a CSV table of feature rows."""
     import torch
 
-    from lab.data import Preprocess
-    from lab.data.image_folder import check_readable, eval_transform, open_image
+    from lab.inference import labels
     from lab.runtime import resolve_device
 
     torch_device = resolve_device(device)
-    model, config, class_names = load_model(ckpt_path, torch_device)
-    data = config["dataset"]
+    model, _, record = load(ckpt_path, torch_device)
+    if str(inputs).lower().endswith(".csv"):
+        if record["input"] != "table":
+            raise UserError(
+                "a CSV table given to an image model", f"inputs={inputs}", "give an image or a folder"
+            )
+        names, x = read_table(inputs, record)
+    else:
+        if record["input"] != "image":
+            raise UserError(
+                "a table model takes a CSV file", f"inputs={inputs}", "give a .csv of feature rows"
+            )
+        names, x = read_images(inputs, record)
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            chunks.append(model(x[start : start + batch_size].to(torch_device)).float().cpu())
+    values = torch.cat(chunks)
+    return Predictions(
+        names, list(record["names"]), values.tolist(), labels(values, record), record["output"]
+    )
+
+
+def read_images(inputs: str | Path, record: dict[str, Any]) -> tuple[list[str], Any]:
+    """Image files → uint8 (N, C, H, W) at the model's input size (short side resized, centre crop)."""
+    import torch
+
+    from lab.data.image_folder import check_readable, eval_transform, open_image
+
     paths = image_paths(inputs)
     check_readable([(str(p), 0) for p in paths])
-    size, channels = int(data["image_size"]), int(data["channels"])
+    channels, size = int(record["shape"][0]), int(record["shape"][1])
     to_tensor = eval_transform(size)
-    preprocess = Preprocess(size, channels, list(data["mean"]), list(data["std"]))
-    k = max(1, min(int(top_k), len(class_names)))
-    results = []
-    with torch.inference_mode():
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            x = torch.stack([to_tensor(open_image(p, 1 if channels == 1 else 3)) for p in chunk])
-            probs = model(preprocess(x.to(torch_device))).softmax(dim=1)
-            values, indices = probs.topk(k, dim=1)
-            for path, v, i in zip(chunk, values.tolist(), indices.tolist(), strict=True):
-                results.append((str(path), [(class_names[c], p) for c, p in zip(i, v, strict=True)]))
-    return results
+    return [str(p) for p in paths], torch.stack([to_tensor(open_image(p, channels)) for p in paths])
 
 
-def predict_table(ckpt_path: str | Path, inputs: str | Path, top_k: int = 5,
-                  device: str = "auto") -> list[tuple[str, list[tuple[str, float]]]]:  # fmt: skip
-    """[(row number, [(class name, probability), ...top_k] or [("value", output), ...]), ...] for a CSV table."""
-    import numpy as np
+def read_table(inputs: str | Path, record: dict[str, Any]) -> tuple[list[str], Any]:
+    """A CSV's feature columns → float32 (N, features); each row named by its line number in the file."""
+    import csv
+    import math
+
     import torch
 
-    from lab import checkpoint as ckpt
-    from lab.runtime import resolve_device
-
     path = Path(str(inputs)).expanduser()
+    where = f"inputs={path}"
     if not path.is_file():
-        raise UserError("no such file", f"inputs={path}", "give a CSV file with one row of features per line")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+        raise UserError("no such file", where, "give a CSV file with one row of features per line")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        rows = [(reader.line_num, [c.strip() for c in row]) for row in reader if any(c.strip() for c in row)]
+    header = rows[0][1] if rows and not all(_number(c) is not None for c in rows[0][1]) else None
+    rows = rows[1:] if header else rows
+    if not rows:
+        raise UserError("no rows in the table", where, "one row of feature values per line")
+    wanted, count = record.get("feature_names"), int(record["shape"][0])
+    if header and wanted:
+        missing = [n for n in wanted if n not in header]
+        if missing:
+            raise UserError(f"column {missing[0]!r} is missing ({len(missing)} of the model's {count} features)",
+                            where, f"give the columns {', '.join(wanted)}")  # fmt: skip
+        columns = [header.index(n) for n in wanted]
+    else:
+        columns = list(range(count))
+        if any(len(row) != count for _, row in rows):
+            width = next(len(row) for _, row in rows if len(row) != count)
+            raise UserError(f"a row has {width} values, the model takes {count} features", where,
+                            "give exactly the feature columns, or a header row naming them")  # fmt: skip
+    names = wanted or (header and [header[c] for c in columns]) or [str(c + 1) for c in columns]
+    values = []
+    for line, row in rows:
+        out = []
+        for name, c in zip(names, columns, strict=True):
+            value = _number(row[c]) if c < len(row) else None
+            if value is None or not math.isfinite(value):
+                raise UserError(f"line {line}, column {name}: {row[c] if c < len(row) else '(missing)'!r} is not "
+                                "a finite number", where, "fill in every feature value")  # fmt: skip
+            out.append(value)
+        values.append(out)
+    return [str(line) for line, _ in rows], torch.tensor(values, dtype=torch.float32)
+
+
+def _number(text: str) -> float | None:
     try:
-        float(lines[0].split(",")[0])
-    except (ValueError, IndexError):
-        lines = lines[1:]  # a header
-    try:
-        rows = np.array([[float(v) for v in line.split(",")] for line in lines], dtype=np.float32).reshape(
-            len(lines), -1
-        )
-    except ValueError as e:
-        raise UserError(
-            f"not a table of numbers ({e})", f"inputs={path}", "one row of numbers per line"
-        ) from None
-    torch_device = resolve_device(device)
-    state = ckpt.load(ckpt_path)
-    model, config, class_names = load_model(ckpt_path, torch_device, state)
-    stats = state.get("standardize")
-    features = int(config["dataset"].get("num_features", rows.shape[1]))
-    if rows.shape[1] != features:
-        raise UserError(f"rows have {rows.shape[1]} values, the model takes {features}", f"inputs={path}", "")
-    x = torch.from_numpy(rows)
-    if stats:
-        x = (x - torch.tensor(stats["mean"])) / torch.tensor(stats["std"])
-    with torch.inference_mode():
-        outputs = model(x.to(torch_device)).float().cpu()
-    if not config["dataset"].get("num_classes"):  # regression: the outputs themselves
-        return [(str(i), [("value", v) for v in row]) for i, row in enumerate(outputs.tolist())]
-    values, indices = outputs.softmax(1).topk(max(1, min(int(top_k), len(class_names))), dim=1)
-    return [(str(i), [(class_names[c], p) for c, p in zip(ci, vi, strict=True)])
-            for i, (vi, ci) in enumerate(zip(values.tolist(), indices.tolist(), strict=True))]  # fmt: skip
+        return float(text)
+    except ValueError:
+        return None
 
 
 def parse_args(argv: list[str], defaults: dict[str, Any], required: tuple[str, ...], usage: str) -> Any:
@@ -167,11 +255,11 @@ def main(argv: list[str]) -> None:
     try:
         cfg = parse_args(argv, DEFAULTS, ("ckpt_path", "inputs"),
                          "python predict.py ckpt_path=<best.pt> inputs=<image|folder|table.csv>")  # fmt: skip
-        if str(cfg.inputs).lower().endswith(".csv"):
-            results = predict_table(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device)
-        else:
-            results = predict(cfg.ckpt_path, cfg.inputs, cfg.top_k, cfg.device, cfg.batch_size)
+        result = predict(cfg.ckpt_path, cfg.inputs, cfg.device, cfg.batch_size)
+        if cfg.output:
+            result.write_csv(cfg.output)
     except UserError as e:
         e.exit()
-    for path, top in results:
-        print(f"{path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in top))
+    print("\n".join(result.lines(cfg.top_k)))
+    if cfg.output:
+        print(f"wrote {len(result.names)} rows to {cfg.output}")

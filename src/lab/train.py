@@ -157,7 +157,7 @@ def build(cfg: DictConfig) -> Job:
     import torch
 
     from lab import checkpoint as ckpt
-    from lab import distributed
+    from lab import distributed, inference
     from lab.callbacks import build_callbacks
     from lab.callbacks.early_stopping import EarlyStopping
     from lab.config import build as build_object
@@ -224,13 +224,15 @@ def build(cfg: DictConfig) -> Job:
     trial = trial_callback(cfg)  # this job's Optuna trial (report, prune); None outside lab's Optuna sweeper
     if trial is not None:
         callbacks["optuna_trial"] = trial
+    # Raw inputs → model → predictions, in every checkpoint: predict.py and the export need nothing else.
+    preprocess = inference.record(config["dataset"], splits.extra, task, splits.class_names)
     module = forward_model or model  # what runs in the loop, unwrapped (what W&B's watch sees)
     if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
         forward_model = ddp.wrap(module)
     trainer = Trainer(
         cfg.trainer, model, task, optimizer, schedulers, loaders, loggers, checkpointer, device,
         checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
-                                  "standardize": splits.extra.get("standardize"), "loggers": loggers.state_dict()},
+                                  "preprocess": preprocess, "loggers": loggers.state_dict()},
         callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
         show_progress=main_rank, class_names=splits.class_names, mix=mix,
     )  # fmt: skip
@@ -293,6 +295,38 @@ def cached_features_head(
     return model.head
 
 
+def evaluated_weights(job: Job, best_state: dict[str, Any] | None) -> dict[str, Any]:
+    """Which weights the final evaluation runs on, for metrics.json and the final figures: `weights` (a phrase)
+    and `weights_epoch`."""
+    from lab import checkpoint as ckpt
+
+    cfg, trainer = job.cfg, job.trainer
+    state = best_state if best_state is not None else (job.resume if not cfg.train else None)
+    if state is not None:  # a checkpoint's inference weights: EMA averages when it says so
+        averaged = ckpt.inference_weights(state) is not state["model"]
+        epoch = int(state.get("epoch") or 0)
+        source = "best.pt" if best_state is not None else f"ckpt_path={cfg.ckpt_path}"
+    elif cfg.train:  # the weights training ended with (a callback may have put its averages in)
+        states = [getattr(cb, "state_dict", dict)() for cb in trainer.callbacks.values()]
+        averaged = any(isinstance(s, dict) and s.get("inference_weights") for s in states)
+        epoch, source = trainer.state.epoch, "last"
+    else:
+        averaged, epoch, source = False, 0, "initial (train=false without ckpt_path)"
+    kind = "EMA averages" if averaged else "trained weights"
+    return {"weights": f"{source}, epoch {epoch}, {kind}", "weights_epoch": epoch}
+
+
+def objective(monitor: str, metrics: dict[str, float], best_during_training: float | None) -> float | None:
+    """The monitor's value on the evaluated weights: what metrics.json's `best` and a sweep rank by.
+
+    A validation monitor (`val/acc`, `val_ema/acc`) is read from the final evaluation, so that it pairs with the
+    test numbers of the same weights; a training one only exists during training (best.pt's own value)."""
+    stage, _, name = monitor.partition("/")
+    if stage.startswith("val"):
+        return metrics.get(f"val/{name}")
+    return best_during_training
+
+
 def fit_and_report(job: Job) -> float:
     from lab import checkpoint as ckpt
     from lab import export
@@ -327,22 +361,24 @@ def fit_and_report(job: Job) -> float:
         if cfg.train:
             trainer.fit()
         job.ddp.barrier()  # rank 0 has written best.pt
-        # Final evaluation on the best weights (last ones when no best.pt was written).
-        if cfg.train and checkpointer.best_path.is_file():
-            ckpt.restore_model(
-                job.model, ckpt.load(checkpointer.best_path), str(checkpointer.best_path), inference=True
-            )
+        # Final evaluation on the best weights (last ones when no best.pt was written): val and test of the same.
+        best_kept = cfg.train and checkpointer.best_path.is_file()
+        if best_kept:
+            best_state = ckpt.load(checkpointer.best_path)
+            ckpt.restore_model(job.model, best_state, str(checkpointer.best_path), inference=True)
+        weights = evaluated_weights(job, best_state if best_kept else None)
+        trainer.evaluated_weights = weights["weights"]  # the final figures say which weights they show
         metrics = trainer.evaluate("val", cfg.trainer.limit_val_batches)
         if cfg.test:
             metrics |= trainer.evaluate("test", cfg.trainer.limit_test_batches)
         trainer.callback("on_final_evaluation", metrics)
-        best = trainer.state.best if trainer.state.best is not None else metrics.get(checkpointer.monitor)
+        best = objective(checkpointer.monitor, metrics, trainer.state.best if best_kept else None)
         final = {f"final/{k}": v for k, v in metrics.items()}
         loggers.log_metrics(final, trainer.state.global_step)
         loggers.log_hparams(flatten(job.config), final)
         if job.main_rank:
             write_json(job.output_dir / "metrics.json", {
-                **metrics, "monitor": checkpointer.monitor, "mode": checkpointer.mode, "best": best,
+                **metrics, **weights, "monitor": checkpointer.monitor, "mode": checkpointer.mode, "best": best,
                 "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
                 "status": "success", "stopped_early": trainer.should_stop,
                 "stop_reason": trainer.stop_reason,

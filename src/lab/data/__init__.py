@@ -160,9 +160,12 @@ def build_data(cfg: DictConfig) -> DataSplits:
             train_x, val_x, test_x = (_chunked(preprocess, x) for x in (train_x, val_x, test_x))
             transform = None
     elif cfg.get("standardize", False):  # table rows: z-scores with the training split's statistics
-        mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-8)
-        train_x, val_x, test_x = ((x.float() - mean) / std for x in (train_x, val_x, test_x))
-        extra["standardize"] = {"mean": mean.tolist(), "std": std.tolist()}  # kept in checkpoints for predict.py
+        train_x, val_x, test_x, extra["standardize"] = standardize(train_x, val_x, test_x)
+    if cfg.get("standardize_targets", False) and train_y.is_floating_point():  # regression targets, likewise
+        train_y, val_y, test_y, extra["standardize_targets"] = standardize(train_y, val_y, test_y)
+    for name in ("feature_names", "target_names"):  # table columns, in order, when the source knows them
+        if getattr(source, name, None) is not None:
+            extra[name] = [str(n) for n in getattr(source, name)]
     class_names = list(
         cfg.get("class_names") or getattr(source, "classes", None) or range(num_classes or 0)
     )
@@ -174,6 +177,14 @@ def build_data(cfg: DictConfig) -> DataSplits:
         transform=transform,
         extra=extra,
     )
+
+
+def standardize(train: Tensor, *others: Tensor) -> tuple:
+    """z-scores of every split with the training split's mean and std per column, and those statistics (kept in
+    checkpoints and exports, so that predictions take raw values and answer in the target's units)."""
+    mean, std = train.float().mean(0), train.float().std(0).nan_to_num(1.0).clamp_min(1e-8)
+    stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
+    return *((x.float() - mean) / std for x in (train, *others)), stats
 
 
 def _chunked(fn: Transform, x: Tensor, chunk: int = 4096) -> Tensor:

@@ -11,22 +11,22 @@ import torch
 
 
 class SklearnTable(torch.utils.data.Dataset):
-    def __init__(self, name: str, standardize_targets: bool = True) -> None:
-        """`name`: a `sklearn.datasets.load_<name>` loader. `standardize_targets` (regression): z-scored targets,
-        so that a freshly initialised model starts near the mean and losses read in standard deviations."""
+    def __init__(self, name: str) -> None:
+        """`name`: a `sklearn.datasets.load_<name>` loader. Raw values: lab standardises features
+        (`dataset.standardize`) and regression targets (`dataset.standardize_targets`) with the training split's
+        statistics, which travel with the checkpoint."""
         import sklearn.datasets
 
         bunch = getattr(sklearn.datasets, f"load_{name}")()
         self.data = torch.as_tensor(np.asarray(bunch.data, dtype=np.float32))
+        self.feature_names = [str(n) for n in bunch.feature_names]
         target = np.asarray(bunch.target)
         if np.issubdtype(target.dtype, np.integer):  # classification
             self.targets = torch.as_tensor(target, dtype=torch.long)
             self.classes = [str(c) for c in bunch.get("target_names", sorted(set(target.tolist())))]
         else:
-            target = target.astype(np.float32)
-            if standardize_targets:
-                target = (target - target.mean()) / target.std()
-            self.targets = torch.as_tensor(target)
+            self.targets = torch.as_tensor(target.astype(np.float32))
+            self.target_names = ["target"]
 
     def __len__(self) -> int:
         return len(self.targets)

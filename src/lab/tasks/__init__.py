@@ -2,8 +2,9 @@
 
 A task owns the loss (any `nn.Module`, e.g. `torch.nn.CrossEntropyLoss`), the metrics (torchmetrics objects built
 from `task.metrics`, logged as `<stage>/<name>` beside `<stage>/loss`), the shape of one input (for the model
-summary and graph) and which of the monitor's figures make sense for it. A new task is a subclass of `Task` (one
-file) and a YAML file naming it.
+summary and graph), which of the monitor's figures make sense for it, and how outputs become predictions (`output`:
+softmax, sigmoid with a `threshold`, or identity in the target's units; see `lab.inference`). A new task is a
+subclass of `Task` (one file) and a YAML file naming it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lab.errors import UserError
+
+#: Names lab logs itself under `<stage>/`, or beside them: a metric of the same name would overwrite them.
+RESERVED_NAMES = frozenset({"loss", "epoch", "step", "global_step", "lr", "epoch_time", "samples_per_sec",
+                            "grad_norm"})  # fmt: skip
+
 
 class Task:
     """The loss and metrics of a problem. Subclasses adapt model outputs and targets to them (`adapt`)."""
@@ -21,8 +28,14 @@ class Task:
     #: The monitor's figures this task can draw (see `lab.monitor`): a subset of
     #: {"predictions", "confusion_matrix", "pr_curves"}.
     figures: frozenset[str] = frozenset()
+    #: How outputs become predictions (`lab.inference.OUTPUTS`): what predict.py and the export answer.
+    output: str = "identity"
 
     def __init__(self, loss: nn.Module, metrics: Mapping[str, Metric], input_shape: Sequence[int]) -> None:
+        for name in metrics:
+            if name in RESERVED_NAMES:
+                raise UserError(f"metric name {name!r} is one lab logs itself", f"task.metrics.{name}",
+                                f"rename the metric, e.g. task.metrics.my_{name}")  # fmt: skip
         self.loss = loss
         self.metrics = dict(metrics)
         self.input_shape = tuple(int(n) for n in input_shape)

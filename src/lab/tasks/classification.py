@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 class Classification(Task):
     figures = frozenset({"predictions", "confusion_matrix", "pr_curves"})
+    output = "softmax"
 
     def __init__(
         self, loss: nn.Module, metrics: Mapping[str, Metric], input_shape: Sequence[int], num_classes: int
