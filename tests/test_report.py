@@ -77,7 +77,8 @@ def test_seeds_are_aggregated_per_configuration(seeds: tuple[Path, subprocess.Co
     best_lr = float(max(means, key=means.__getitem__))
     assert rows[f"optimizer.lr={best_lr}"]["rank"] == "1"
     assert f"best configuration: optimizer.lr={best_lr}" in proc.stdout
-    assert "run it again: python train.py" in proc.stdout
+    run_again = next(line for line in proc.stdout.splitlines() if "run it again:" in line)
+    assert f"optimizer.lr={best_lr}" in run_again  # the best job of the best configuration
     summary = (sweep_dir / "summary.md").read_text()
     assert "## Configurations (mean ± std over repeats" in summary
     assert f"| 1 | optimizer.lr={best_lr} | 3 |" in summary

@@ -220,6 +220,16 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
     """What the console shows: where the summary is, and how to get the best job back."""
     lines = [f"sweep summary ({counts(jobs)}): {sweep_dir / 'summary.md'}"]
     best = _best(jobs)
+    runs = find_runs([sweep_dir]) if jobs else []
+    if has_repeats(runs):  # the best configuration by its mean, and its best job
+        groups = aggregate(runs, "best", sweep_mode(jobs))
+        top = groups[0].stats.get("best") if groups else None
+        if top is not None:
+            ci = f", 95 % CI ± {top.ci95:.4f}" if top.ci95 is not None else ""
+            lines.append(f"best configuration: {label(groups[0], swept_keys(runs))}  "
+                         f"{jobs[0].monitor} {top.text()} (n={top.n}{ci})")  # fmt: skip
+            own = {run.run_dir for run in groups[0].runs}
+            best = _best([job for job in jobs if job.run_dir in own])
     if best is None:
         lines.append("no job succeeded")
     else:
@@ -230,14 +240,6 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
             f"  checkpoint: {best.checkpoint or '(none saved)'}",
             f"  run it again: {command_line(best)}",
         ]
-    runs = find_runs([sweep_dir]) if jobs else []
-    if has_repeats(runs):
-        groups = aggregate(runs, "best", sweep_mode(jobs))
-        top = groups[0].stats.get("best") if groups else None
-        if top is not None:
-            ci = f", 95 % CI ± {top.ci95:.4f}" if top.ci95 is not None else ""
-            lines.insert(1, f"best configuration: {label(groups[0], swept_keys(runs))}  "
-                            f"{jobs[0].monitor} {top.text()} (n={top.n}{ci})")  # fmt: skip
     return "\n".join(lines)
 
 
