@@ -129,6 +129,10 @@ class Distributed:
             model,
             device_ids=[self.device.index] if on_cuda else None,
             find_unused_parameters=self.find_unused_parameters,
+            # Buffers (BatchNorm statistics) are broadcast once per optimizer step by the loop (`broadcast`),
+            # not before every forward: with accumulation that is fewer collectives, and every rank ends each
+            # step, so validates, averages and saves, with rank 0's.
+            broadcast_buffers=False,
         )
 
     @staticmethod
@@ -136,6 +140,20 @@ class Distributed:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
+
+    @staticmethod
+    def broadcast(tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into `tensors` on every rank, in place: one collective per dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for tensor in group:
+                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
 
     def barrier(self) -> None:
         if self.enabled:

@@ -83,7 +83,7 @@ class Monitor:
     def predict(self, trainer: Any, stage: str) -> tuple[Tensor, Tensor]:
         """Softmax probabilities and targets over a split (as far as `trainer.limit_<stage>_batches` goes)."""
         probs, targets = [], []
-        for logits, _, y in trainer.outputs(stage, trainer.cfg.get(f"limit_{stage}_batches")):
+        for logits, _, y in trainer.outputs(stage, getattr(trainer.cfg, f"limit_{stage}_batches")):
             probs.append(logits.float().softmax(1))
             targets.append(y)
         return torch.cat(probs).cpu(), torch.cat(targets).cpu()
