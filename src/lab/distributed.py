@@ -20,8 +20,8 @@ from datetime import datetime
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
+from lab.config import TrainerConfig
 from lab.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class Distributed:
                 dist.destroy_process_group()
 
 
-def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.device]:
+def setup(cfg: TrainerConfig, device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when started by torchrun (`cfg` is `trainer`); returns this rank's place and device."""
     strategy = str(cfg.strategy)
     if strategy not in ("auto", "ddp"):
@@ -194,7 +194,7 @@ def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.dev
     _init_process_group()
     if device.type == "cuda":
         device = torch.device("cuda", local_rank() % torch.cuda.device_count())
-    elif cfg.get("sync_batchnorm"):
+    elif cfg.sync_batchnorm:
         log.warning(
             "trainer.sync_batchnorm needs CUDA: BatchNorm statistics stay per process on %s", device.type
         )

@@ -176,8 +176,9 @@ def build(cfg: DictConfig) -> Job:
     config = redact(resolved)
     scrub_hydra_dir(output_dir, resolved)
     install_log_filter(resolved)
-    device = resolve_device(cfg.trainer.device)
-    ddp, device = distributed.setup(cfg.trainer, device)  # one process, or one rank of a torchrun job
+    trainer_cfg = trainer_config(cfg.trainer)
+    device = resolve_device(trainer_cfg.device)
+    ddp, device = distributed.setup(trainer_cfg, device)  # one process, or one rank of a torchrun job
     main_rank = ddp.is_main
     if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
@@ -208,7 +209,6 @@ def build(cfg: DictConfig) -> Job:
         model.to(memory_format=torch.channels_last)
     head = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
-    trainer_cfg = trainer_config(cfg.trainer)
     schedulers = build_schedulers(
         cfg.scheduler, optimizer, optimizer_steps(trainer_cfg, len(loaders["train"]))
     )
