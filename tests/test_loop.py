@@ -73,7 +73,8 @@ def test_trainer_built_in_python_without_hydra_learns() -> None:
 
 
 def fit(model: nn.Module, data: list, config: TrainerConfig, *, scheduler: str | None = None, lr: float = 0.1,
-        tmp_path: Path | None = None, checkpoint: dict | None = None, callbacks: dict | None = None):  # fmt: skip
+        tmp_path: Path | None = None, checkpoint: dict | None = None, callbacks: dict | None = None,
+        ckpt_path: Path | None = None):  # fmt: skip
     """Fit `model` on the fixed batches `data` (val: the first two) with the shipped `scheduler` option."""
     from lab.optim import build_optimizer, build_schedulers
 
@@ -90,7 +91,7 @@ def fit(model: nn.Module, data: list, config: TrainerConfig, *, scheduler: str |
     trainer = Trainer(model, classification(), {"train": data, "val": data[:2]}, optimizer, config,
                       schedulers=schedulers, checkpointer=checkpointer,
                       callbacks={"recorder": recorder, **(callbacks or {})})  # fmt: skip
-    trainer.fit()
+    trainer.fit(ckpt_path)
     return trainer, recorder, cfg
 
 
@@ -221,3 +222,33 @@ def test_last_pt_holds_the_final_state_whatever_the_cadence(checkpoint: dict, tm
     assert last["global_step"] == trainer.state.global_step == 15 and last["epoch"] == 3
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(last["model"][name], tensor), name
+
+
+class StopAfterEpoch:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        trainer.should_stop = trainer.state.epoch >= self.epoch
+
+
+def test_fit_from_a_checkpoint_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
+    # One run of 3 epochs; another stopped after the first and continued by `fit(ckpt_path)` in a fresh Trainer
+    # (new model, optimizer, OneCycle schedule): the same learning rates and the same final weights.
+    config = TrainerConfig(max_epochs=3, accumulate_grad_batches=2, progress_bar=False)
+    data = batches(5)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return TwoGroups()
+
+    whole, whole_lrs, _ = fit(model(), data, config, scheduler="onecycle", tmp_path=tmp_path / "whole")
+    first, first_lrs, _ = fit(model(), data, config, scheduler="onecycle", tmp_path=tmp_path / "first",
+                              callbacks={"stop": StopAfterEpoch(1)})  # fmt: skip
+    assert first.state.global_step == 3 and ckpt.load(tmp_path / "first" / "last.pt")["global_step"] == 3
+    rest, rest_lrs, _ = fit(model(), data, config, scheduler="onecycle", tmp_path=tmp_path / "rest",
+                            ckpt_path=tmp_path / "first" / "last.pt")  # fmt: skip
+    assert rest.state.global_step == whole.state.global_step == 9
+    assert first_lrs.lrs + rest_lrs.lrs == whole_lrs.lrs
+    for name, tensor in whole.model.state_dict().items():
+        torch.testing.assert_close(rest.model.state_dict()[name], tensor, rtol=0, atol=0)

@@ -8,8 +8,9 @@ Hydra, in a notebook:
                       config=TrainerConfig(max_epochs=3, device="cpu"))
     trainer.fit()                       # or trainer.fit(ckpt_path="last.pt") to continue a run
 
-A loader is anything that yields `(inputs, targets)` on the training device; lab's own offer `batches(start, stop)`
-and `set_epoch(epoch)` (others are adapted, see `lab.data.loaders.as_loader`). Metrics accumulate on the device and
+A loader is anything that yields `(inputs, targets)` batches; lab's own offer `batches(start, stop)` and
+`set_epoch(epoch)` and serve them on the training device; others (a `DataLoader`, a list) are adapted and their
+batches moved there (`lab.data.loaders.as_loader`). Metrics accumulate on the device and
 are read back once per logging interval, so the loop adds no host-device synchronisation per step.
 
 One step of training is three parts, each a method: `micro_step` (forward and backward of one batch),
@@ -176,13 +177,13 @@ class Trainer:
         self.model = model  # the plain module: its state_dict is what checkpoints hold
         self.optimizer = optimizer
         self.schedulers = schedulers if schedulers is not None else Schedulers()
-        self.loaders = {stage: as_loader(loader) for stage, loader in loaders.items()}
-        self.loggers = loggers if loggers is not None else LoggerFanOut({})
-        self.checkpointer = checkpointer if checkpointer is not None else ckpt.Checkpointer(
-            ".", "val/loss", "min", save_last=False, save_top_k=0)  # fmt: skip
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.device = device
+        self.loaders = {stage: as_loader(loader, device) for stage, loader in loaders.items()}
+        self.loggers = loggers if loggers is not None else LoggerFanOut({})
+        self.checkpointer = checkpointer if checkpointer is not None else ckpt.Checkpointer(
+            ".", "val/loss", "min", save_last=False, save_top_k=0)  # fmt: skip
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.callbacks = dict(callbacks or {})
         self.monitor, self.mode = self.checkpointer.monitor, self.checkpointer.mode

@@ -115,10 +115,11 @@ class DeviceLoader:
 
 
 class IterableLoader:
-    """Any re-iterable of `(inputs, targets)` batches (a `DataLoader`, a list) as a loader of the loop."""
+    """Any re-iterable of `(inputs, targets)` batches (a `DataLoader`, a list) as a loader of the loop, its batches
+    moved to `device` (when given)."""
 
-    def __init__(self, source: Iterable[Batch]) -> None:
-        self.source = source
+    def __init__(self, source: Iterable[Batch], device: torch.device | None = None) -> None:
+        self.source, self.device = source, device
 
     def set_epoch(self, epoch: int) -> None:
         for owner in (self.source, getattr(self.source, "sampler", None)):
@@ -130,17 +131,21 @@ class IterableLoader:
         return len(self.source)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.source)
+        return self.batches(0, None)
 
     def batches(self, start: int, stop: int | None) -> Iterator[Batch]:
-        return islice(self.source, start, stop)
+        for x, y in islice(self.source, start, stop):
+            if self.device is not None:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x, y
 
 
-def as_loader(loader: Iterable[Batch]) -> Iterable[Batch]:
-    """`loader` itself when it has `batches(start, stop)` and `set_epoch`, else an `IterableLoader` of it."""
+def as_loader(loader: Iterable[Batch], device: torch.device | None = None) -> Iterable[Batch]:
+    """`loader` itself when it has `batches(start, stop)` and `set_epoch`, else an `IterableLoader` of it (its
+    batches moved to `device`)."""
     if callable(getattr(loader, "batches", None)) and callable(getattr(loader, "set_epoch", None)):
         return loader
-    return IterableLoader(loader)
+    return IterableLoader(loader, device)
 
 
 def default_num_workers() -> int:
