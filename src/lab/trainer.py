@@ -166,7 +166,9 @@ class Trainer:
         """`module`: what batches go through when it is not the whole `model` (a head on cached features);
         `distributed`: this process's place in a torchrun job (`lab.distributed.Distributed`), None for one
         process; `checkpoint_extra`: plain values every checkpoint also holds (config, class names, ...);
-        `mix`: MixUp/CutMix of each training batch (class indices become soft targets)."""
+        `mix`: MixUp/CutMix of each training batch (class indices become soft targets); `device`: where the
+        batches go, by default the model's (`config.device` and `config.seed` are for `lab.train`, which places the
+        model and seeds the run before building the trainer)."""
         from lab.loggers import LoggerFanOut
 
         self.cfg = cfg = trainer_config(config)
