@@ -53,7 +53,7 @@ def test_optimizer_and_scheduler_options(optimizer: str, scheduler: str, tmp_pat
     opt = build_optimizer(cfg.optimizer, model)
     assert type(opt).__name__ == cfg.optimizer._target_.rsplit(".", 1)[-1]
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr)
-    scheds = build_schedulers(cfg.scheduler, opt, steps_per_epoch=5, max_epochs=cfg.trainer.max_epochs)
+    scheds = build_schedulers(cfg.scheduler, opt, total_steps=5 * cfg.trainer.max_epochs)
     assert (scheds.main is None) == (cfg.scheduler._target_ is None)
     for step in range(1, 6):  # one epoch of steps, then the epoch end
         opt.step()
@@ -65,14 +65,14 @@ def test_optimizer_and_scheduler_options(optimizer: str, scheduler: str, tmp_pat
 def test_onecycle_total_steps_filled_in(tmp_path: Path) -> None:
     cfg = compose_config(["scheduler=onecycle", "trainer.max_epochs=3"], tmp_path)
     opt = build_optimizer(cfg.optimizer, instantiate(cfg.model))
-    scheds = build_schedulers(cfg.scheduler, opt, steps_per_epoch=7, max_epochs=3)
+    scheds = build_schedulers(cfg.scheduler, opt, total_steps=21)
     assert scheds.main.total_steps == 21 and scheds.interval == "step"
 
 
 def test_linear_warmup_ramps_the_learning_rate(tmp_path: Path) -> None:
     cfg = compose_config(["scheduler.warmup_steps=4", "optimizer.lr=0.4"], tmp_path)
     opt = build_optimizer(cfg.optimizer, instantiate(cfg.model))
-    scheds = build_schedulers(cfg.scheduler, opt, steps_per_epoch=10, max_epochs=1)
+    scheds = build_schedulers(cfg.scheduler, opt, total_steps=10)
     seen = [opt.param_groups[0]["lr"]]
     for step in range(1, 7):
         opt.step()

@@ -122,9 +122,7 @@ def test_param_groups_no_weight_decay_and_layer_decay_compose_with_backbone_scal
                           "optimizer.layer_decay=0.5", "scheduler.warmup_steps=4"])  # fmt: skip
     model = instantiate(cfg.model)
     optimizer = build_optimizer(cfg.optimizer, model)
-    build_schedulers(
-        cfg.scheduler, optimizer, steps_per_epoch=10, max_epochs=1
-    )  # warm-up: lr x 1/4 at step 1
+    build_schedulers(cfg.scheduler, optimizer, total_steps=10)  # warm-up: lr x 1/4 at step 1
     groups = {g["name"]: g for g in optimizer.param_groups}
     units = layers(model)  # conv1, bn1, layer1.0, layer1.1, ..., layer4.1, head
     assert len(units) == 11 and units[0] is model.features.conv1 and units[-1] is model.head

@@ -188,23 +188,22 @@ def test_a_diverged_job_is_a_failed_objective_and_the_sweep_goes_on(tmp_path: Pa
 
 
 class ListLoader:
-    """The loop's loader interface (`set_epoch`, `len`, iteration) over fixed batches."""
+    """A plain iterable of fixed batches with `set_epoch` and `len` (the trainer adapts it: `as_loader`)."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.batches = batches
+        self.fixed = batches
 
     def set_epoch(self, epoch: int) -> None:
         pass
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.fixed)
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self.fixed)
 
 
 def fit_on(batches: list, nan_policy: str, tmp_path: Path) -> nn.Module:
-    from lab.loggers import LoggerFanOut
     from lab.optim import build_schedulers
     from lab.trainer import Trainer
 
@@ -215,9 +214,15 @@ def fit_on(batches: list, nan_policy: str, tmp_path: Path) -> nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     loaders = {"train": ListLoader(batches), "val": ListLoader(batches[:1])}
     checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max", save_last=False, save_top_k=0)
-    trainer = Trainer(cfg.trainer, model, instantiate(cfg.task), optimizer,
-                      build_schedulers(cfg.scheduler, optimizer, 1, 1), loaders, LoggerFanOut({}), checkpointer,
-                      torch.device("cpu"), checkpoint_extra=dict)  # fmt: skip
+    trainer = Trainer(
+        model,
+        instantiate(cfg.task),
+        loaders,
+        optimizer,
+        cfg.trainer,
+        schedulers=build_schedulers(cfg.scheduler, optimizer, 1),
+        checkpointer=checkpointer,
+    )
     trainer.fit()
     return model
 
@@ -293,7 +298,7 @@ class SignallingLoader(ListLoader):
         self.at, self.signals = at, signals
 
     def __iter__(self):
-        for index, batch in enumerate(self.batches):
+        for index, batch in enumerate(self.fixed):
             if index == self.at:
                 for signum in self.signals:
                     os.kill(os.getpid(), signum)
@@ -301,7 +306,6 @@ class SignallingLoader(ListLoader):
 
 
 def interrupted_trainer(tmp_path: Path, train_loader: ListLoader, val_loader: ListLoader, *overrides: str):
-    from lab.loggers import LoggerFanOut
     from lab.optim import build_schedulers
     from lab.trainer import Trainer
 
@@ -309,9 +313,15 @@ def interrupted_trainer(tmp_path: Path, train_loader: ListLoader, val_loader: Li
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     checkpointer = ckpt.Checkpointer(str(tmp_path / "ckpt"), "val/acc", "max")
-    return Trainer(cfg.trainer, model, instantiate(cfg.task), optimizer, build_schedulers(cfg.scheduler, optimizer, 1, 1),
-                   {"train": train_loader, "val": val_loader}, LoggerFanOut({}), checkpointer, torch.device("cpu"),
-                   checkpoint_extra=dict)  # fmt: skip
+    return Trainer(
+        model,
+        instantiate(cfg.task),
+        {"train": train_loader, "val": val_loader},
+        optimizer,
+        cfg.trainer,
+        schedulers=build_schedulers(cfg.scheduler, optimizer, 1),
+        checkpointer=checkpointer,
+    )
 
 
 def batches(n: int) -> list:

@@ -2,8 +2,8 @@
 
 `TrainerConfig` and `CheckpointConfig` are structured-config schemas in Hydra's ConfigStore: `conf/trainer/*.yaml`
 and `conf/checkpoint/*.yaml` extend them (`defaults: [schema, _self_]`), so OmegaConf rejects an unknown key or a
-value of the wrong type while Hydra composes the config. The values and their comments live in the YAML files
-only; the schemas hold types. `validate` adds the range checks and `precheck` turns Hydra's composition errors into
+value of the wrong type while Hydra composes the config. `TrainerConfig` holds the loop's defaults and their
+comments (its YAML files only override them); `CheckpointConfig` holds types, its values live in the YAML. `validate` adds the range checks and `precheck` turns Hydra's composition errors into
 the one-line `error: <what> (<key>): <fix>` before anything is built or written.
 """
 
@@ -28,33 +28,59 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 LIBRARIES = ("torch.", "torchvision.", "torchmetrics.", "sklearn.")
 
 
+def parse_duration(value: Any) -> float | None:
+    """`trainer.max_time`: null, seconds, or "[[DD:]HH:]MM:SS" → seconds (ValueError for anything else)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) > 4:
+            raise ValueError(f"{value!r} has more than four fields")
+        return sum(
+            float(part) * unit for part, unit in zip(reversed(parts), (1, 60, 3600, 86400), strict=False)
+        )
+    return float(value)
+
+
 # Optional[...] rather than `X | None`: OmegaConf reads the annotations at runtime (Python 3.10 has no `X | None`
 # for it under `from __future__ import annotations`).
 @dataclass
 class TrainerConfig:
-    max_epochs: int = MISSING
-    device: str = MISSING
-    seed: Optional[int] = MISSING  # noqa: UP045
-    deterministic: bool = MISSING
-    precision: str = MISSING
-    compile: bool = MISSING
-    channels_last: bool = MISSING
-    accumulate_grad_batches: int = MISSING
-    strategy: str = MISSING
-    gradient_clip_val: Optional[float] = MISSING  # noqa: UP045
-    log_every_n_steps: int = MISSING
-    limit_train_batches: Any = MISSING  # null, an int (batches) or a float (fraction): OmegaConf has no Union
-    limit_val_batches: Any = MISSING
-    limit_test_batches: Any = MISSING
-    nan_policy: str = MISSING
-    progress_bar: bool = MISSING
-    stop_signals: List[str] = field(default_factory=list)  # noqa: UP006
-    val_check_interval: Any = None  # null, an int (optimizer steps) or a float (fraction of an epoch)
-    check_val_every_n_epoch: int = 1
+    """The loop's settings (`conf/trainer/*.yaml` only override these defaults); also `Trainer(config=...)`."""
+
+    max_epochs: int = 10
+    # Stop after this many optimizer steps (validated, checkpointed; also mid-epoch).
     max_steps: Optional[int] = None  # noqa: UP045
-    max_time: Any = None  # null, seconds or "[[DD:]HH:]MM:SS"
-    sync_batchnorm: bool = False  # trainer=ddp only
-    find_unused_parameters: bool = False  # trainer=ddp only
+    # Seconds or "[[DD:]HH:]MM:SS" of training in this process: stop mid-epoch with last.pt written (resumable).
+    max_time: Any = None
+    # Validate within epochs too: an int every N optimizer steps of each epoch, a float at every that fraction of
+    # an epoch's optimizer steps (0.25: after 1/4, 1/2, 3/4 of them, and at the end); with or without accumulation.
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int = 1  # validate at the end of every N-th epoch (and the last)
+    device: str = "auto"  # auto (cuda → mps → cpu) | cpu | cuda | cuda:N | mps
+    seed: Optional[int] = 42  # noqa: UP045  seeds python, numpy and torch (and the data order)
+    deterministic: bool = False  # true: deterministic algorithms, identical metrics on re-run
+    # 32 | bf16 | bf16-mixed | 16-mixed (autocast; 16-mixed adds a GradScaler, CUDA only).
+    precision: str = "32"
+    compile: bool = False  # torch.compile what runs (checkpoints keep the plain state_dict)
+    channels_last: bool = False  # NHWC memory format for conv nets on GPU
+    # An optimizer step every N batches; a shorter last window of an epoch is averaged over the batches it holds.
+    accumulate_grad_batches: int = 1
+    # auto: DistributedDataParallel when started by torchrun (WORLD_SIZE > 1) | ddp: require it.
+    strategy: str = "auto"
+    gradient_clip_val: Optional[float] = None  # noqa: UP045  clip the global gradient norm to this value
+    log_every_n_steps: int = 10  # logging (the only host-device synchronisation) every N optimizer steps
+    # null: all; int: that many batches; float: that fraction (Any: OmegaConf has no Union).
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    # stop: a NaN/Inf loss ends the run (exit 3), no checkpoint written | skip: skip that optimizer step.
+    nan_policy: str = "stop"
+    progress_bar: bool = True  # tqdm bar per epoch
+    # Finish the step, write last.pt, exit 128+signal; SLURM: add SIGUSR1 (sbatch --signal=USR1@120) or SIGUSR2.
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGINT", "SIGTERM"])  # noqa: UP006
+    sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
+    find_unused_parameters: bool = False  # DDP: true if some parameters get no gradient in a step (slower)
 
 
 @dataclass
@@ -231,8 +257,6 @@ def loop_options(cfg: DictConfig) -> None:
         positive_int(cfg, "trainer.max_steps")
     max_time = get(cfg, "trainer.max_time")
     if max_time is not None:
-        from lab.trainer import parse_duration
-
         try:
             ok = parse_duration(max_time) > 0 and not isinstance(max_time, bool)
         except ValueError:

@@ -20,8 +20,8 @@ from datetime import datetime
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
+from lab.config import TrainerConfig
 from lab.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,10 @@ class Distributed:
             model,
             device_ids=[self.device.index] if on_cuda else None,
             find_unused_parameters=self.find_unused_parameters,
+            # Buffers (BatchNorm statistics) are broadcast once per optimizer step by the loop (`broadcast`),
+            # not before every forward: with accumulation that is fewer collectives, and every rank ends each
+            # step, so validates, averages and saves, with rank 0's.
+            broadcast_buffers=False,
         )
 
     @staticmethod
@@ -136,6 +140,20 @@ class Distributed:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
+
+    @staticmethod
+    def broadcast(tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into `tensors` on every rank, in place: one collective per dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for tensor in group:
+                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
 
     def barrier(self) -> None:
         if self.enabled:
@@ -160,7 +178,7 @@ class Distributed:
                 dist.destroy_process_group()
 
 
-def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.device]:
+def setup(cfg: TrainerConfig, device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when started by torchrun (`cfg` is `trainer`); returns this rank's place and device."""
     strategy = str(cfg.strategy)
     if strategy not in ("auto", "ddp"):
@@ -176,7 +194,7 @@ def setup(cfg: DictConfig, device: torch.device) -> tuple[Distributed, torch.dev
     _init_process_group()
     if device.type == "cuda":
         device = torch.device("cuda", local_rank() % torch.cuda.device_count())
-    elif cfg.get("sync_batchnorm"):
+    elif cfg.sync_batchnorm:
         log.warning(
             "trainer.sync_batchnorm needs CUDA: BatchNorm statistics stay per process on %s", device.type
         )

@@ -143,9 +143,9 @@ class Schedulers:
                 getattr(self, name).load_state_dict(state[name])
 
 
-def build_schedulers(
-    cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int
-) -> Schedulers:
+def build_schedulers(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Schedulers:
+    """The scheduler of `cfg` on `optimizer`; `total_steps`: the optimizer steps the run takes
+    (`lab.trainer.optimizer_steps`: accumulation, `limit_train_batches` and `max_steps` counted)."""
     args = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in SCHEDULER_KEYS}
     interval = str(cfg.get("interval", "epoch"))
     if interval not in ("epoch", "step"):
@@ -156,7 +156,12 @@ def build_schedulers(
     main = None
     if args.get("_target_"):
         if "total_steps" in args and args["total_steps"] is None:  # OneCycleLR: known only now
-            args["total_steps"] = steps_per_epoch * max_epochs
+            args["total_steps"] = total_steps
+        if "max_lr" in args and isinstance(args["max_lr"], (int, float)):
+            # OneCycleLR: one peak per parameter group, scaled like the group's lr (backbone_lr_scale,
+            # layer_decay), so discriminative learning rates hold through the cycle.
+            args["max_lr"] = [args["max_lr"] * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+            args["_convert_"] = "all"  # a list, not OmegaConf's ListConfig
         main = build(OmegaConf.create(args), "scheduler", optimizer)
     warmup = None
     if warmup_steps:  # lr x (step + 1) / warmup_steps for the first warmup_steps steps

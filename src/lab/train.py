@@ -132,10 +132,9 @@ class Job:
     ddp: Any
     splits: Any
     model: Any
-    module: Any  # what runs in the loop (the model, or its head on cached features), without the DDP wrapper
     task: Any
     trainer: Any
-    resume: dict[str, Any] | None
+    resume: dict[str, Any] | None  # the checkpoint of ckpt_path, its weights already in `model`
 
 
 def run(cfg: DictConfig) -> float:
@@ -169,7 +168,7 @@ def build(cfg: DictConfig) -> Job:
     from lab.optuna_trial import trial_callback
     from lab.redact import install_log_filter, redact, scrub_hydra_dir
     from lab.runtime import check_launch_env, check_writable, resolve_device, seed_everything
-    from lab.trainer import Trainer
+    from lab.trainer import Trainer, optimizer_steps, trainer_config
 
     check_launch_env()
     output_dir = Path(cfg.paths.output_dir)
@@ -178,8 +177,9 @@ def build(cfg: DictConfig) -> Job:
     config = redact(resolved)
     scrub_hydra_dir(output_dir, resolved)
     install_log_filter(resolved)
-    device = resolve_device(cfg.trainer.device)
-    ddp, device = distributed.setup(cfg.trainer, device)  # one process, or one rank of a torchrun job
+    trainer_cfg = trainer_config(cfg.trainer)
+    device = resolve_device(trainer_cfg.device)
+    ddp, device = distributed.setup(trainer_cfg, device)  # one process, or one rank of a torchrun job
     main_rank = ddp.is_main
     if str(cfg.trainer.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"16-mixed precision needs a CUDA GPU, this run is on {device.type}",
@@ -207,9 +207,11 @@ def build(cfg: DictConfig) -> Job:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    forward_model = cached_features_head(cfg, model, splits, device, ddp, loaders)
+    head = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
-    schedulers = build_schedulers(cfg.scheduler, optimizer, len(loaders["train"]), cfg.trainer.max_epochs)
+    schedulers = build_schedulers(
+        cfg.scheduler, optimizer, optimizer_steps(trainer_cfg, len(loaders["train"]))
+    )
     checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     if not main_rank:
         checkpoint_cfg |= {"save_last": False, "save_top_k": 0}
@@ -226,17 +228,13 @@ def build(cfg: DictConfig) -> Job:
         callbacks["optuna_trial"] = trial
     # Raw inputs → model → predictions, in every checkpoint: predict.py and the export need nothing else.
     preprocess = inference.record(config["dataset"], splits.extra, task, splits.class_names)
-    module = forward_model or model  # what runs in the loop, unwrapped (what W&B's watch sees)
-    if ddp.enabled:  # gradients all-reduced in backward; trainer.model stays the plain module
-        forward_model = ddp.wrap(module)
     trainer = Trainer(
-        cfg.trainer, model, task, optimizer, schedulers, loaders, loggers, checkpointer, device,
-        checkpoint_extra=lambda: {"config": config, "class_names": splits.class_names,
-                                  "preprocess": preprocess, "loggers": loggers.state_dict()},
-        callbacks=callbacks, forward_model=forward_model, reduce=ddp.all_reduce_sum if ddp.enabled else None,
-        show_progress=main_rank, class_names=splits.class_names, mix=mix,
+        model, task, loaders, optimizer, trainer_cfg, schedulers=schedulers, loggers=loggers,
+        checkpointer=checkpointer, callbacks=callbacks, module=head, distributed=ddp, device=device, mix=mix,
+        class_names=splits.class_names, show_progress=main_rank,
+        checkpoint_extra={"config": config, "class_names": splits.class_names, "preprocess": preprocess},
     )  # fmt: skip
-    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, module, task, trainer, resume)
+    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, task, trainer, resume)
 
 
 def build_mix(cfg: DictConfig, task: Any) -> Any:
@@ -344,18 +342,13 @@ def fit_and_report(job: Job) -> float:
         log.info("model summary:\n%s", summary)
         write_json(job.output_dir / "run_info.json", run_info())
         write_json(job.output_dir / "class_names.json", {"class_names": job.splits.class_names})
-    if job.resume is not None and cfg.train and not ckpt.is_resumable(job.resume):
-        log.info("ckpt_path=%s holds weights only: training starts from them at epoch 0", cfg.ckpt_path)
-    elif job.resume is not None and cfg.train:
-        trainer.load_checkpoint_state(job.resume)
-        loggers.resume(trainer.state.global_step, job.resume.get("loggers") or {})
-        log.info("resumed from %s at epoch %d, step %d", cfg.ckpt_path, trainer.state.epoch,
-                 trainer.state.global_step)  # fmt: skip
+    if job.resume is not None and cfg.train:  # before anything is logged: the loggers continue their runs
+        trainer.resume(cfg.ckpt_path, job.resume)
 
     status, best = "failed", None
     try:
         loggers.log_config(job.config)
-        loggers.watch(job.module)  # the module that runs: the head alone on cached features
+        loggers.watch(trainer.network.module)  # the module that runs: the head alone on cached features
         loggers.log_text("config", OmegaConf.to_yaml(job.config))
         loggers.log_text("model_summary", summary)
         if cfg.train:

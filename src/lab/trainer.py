@@ -1,9 +1,21 @@
-"""The training loop: fit, validate, test. Driven by `conf/trainer/*.yaml`.
+"""The training loop: fit, validate, test. Driven by a `TrainerConfig` (`conf/trainer/*.yaml` override its defaults).
 
-It sees a model, a task (loss and metrics, `lab.tasks`), loaders, an optimizer, schedulers, a logger fan-out, a
-checkpointer and callbacks, and nothing else: no loss, metric, dataset class or logging library is named here.
-Metrics accumulate on the device and are read back once per logging interval, so the loop adds no host-device
-synchronisation per step.
+It sees a model, a task (loss and metrics, `lab.tasks`), loaders, an optimizer, and optionally schedulers, a logger
+fan-out, a checkpointer and callbacks; no loss, metric, dataset class or logging library is named here. Without
+Hydra, in a notebook:
+
+    trainer = Trainer(model, task, {"train": train_loader, "val": val_loader}, optimizer,
+                      config=TrainerConfig(max_epochs=3, device="cpu"))
+    trainer.fit()                       # or trainer.fit(ckpt_path="last.pt") to continue a run
+
+A loader is anything that yields `(inputs, targets)` batches; lab's own offer `batches(start, stop)` and
+`set_epoch(epoch)` and serve them on the training device; others (a `DataLoader`, a list) are adapted and their
+batches moved there (`lab.data.loaders.as_loader`). Metrics accumulate on the device and
+are read back once per logging interval, so the loop adds no host-device synchronisation per step.
+
+One step of training is three parts, each a method: `micro_step` (forward and backward of one batch),
+`optimizer_step` (unscale, clip, skip, step, schedulers; once per `accumulate_grad_batches` batches) and
+`after_step` (logging, checkpoints, validation, budgets).
 
 Callbacks (`conf/callbacks/*.yaml`) subclass `lab.Callback`: its module, `lab.callbacks.base`, lists every hook
 and the part of the trainer a callback may use.
@@ -16,17 +28,17 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lab import checkpoint as ckpt
-from lab.data.augment import AugmentedLoader
+from lab.config import TrainerConfig, parse_duration
+from lab.data.loaders import as_loader
 from lab.metrics import Metrics
 from lab.optim import Schedulers
 from lab.tasks import Task
@@ -54,18 +66,6 @@ class TrainState:
     best: float | None = None  # best value of the monitored metric so far
 
 
-def parse_duration(value: Any) -> float | None:
-    """`trainer.max_time`: null, seconds, or "[[DD:]HH:]MM:SS" → seconds."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        seconds = 0.0
-        for part, unit in zip(reversed(value.split(":")), (1, 60, 3600, 86400), strict=False):
-            seconds += float(part) * unit
-        return seconds
-    return float(value)
-
-
 def limit_batches(limit: int | float | None, num_batches: int) -> int:
     """`limit_*_batches`: None → all, int → that many, float → that fraction (at least one)."""
     if limit is None:
@@ -75,16 +75,68 @@ def limit_batches(limit: int | float | None, num_batches: int) -> int:
     return min(num_batches, limit)
 
 
+def steps_per_epoch(config: TrainerConfig, num_batches: int) -> int:
+    """Optimizer steps of one epoch of `num_batches` training batches (a short last window is a step too)."""
+    return -(-limit_batches(config.limit_train_batches, num_batches) // config.accumulate_grad_batches)
+
+
+def optimizer_steps(config: TrainerConfig, num_batches: int) -> int:
+    """The optimizer steps a whole run takes: `max_epochs` epochs, `limit_train_batches` and accumulation
+    counted, cut by `max_steps` (what a per-step scheduler such as OneCycleLR must span)."""
+    total = config.max_epochs * steps_per_epoch(config, num_batches)
+    return min(total, config.max_steps) if config.max_steps is not None else total
+
+
+def trainer_config(config: TrainerConfig | Mapping[str, Any] | None) -> TrainerConfig:
+    """A `TrainerConfig` from itself, None (the defaults) or a mapping such as the composed `cfg.trainer`."""
+    if config is None:
+        return TrainerConfig()
+    if isinstance(config, TrainerConfig):
+        return config
+    from omegaconf import DictConfig, OmegaConf
+
+    values = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    known = {f.name for f in fields(TrainerConfig)}
+    return TrainerConfig(**{k: v for k, v in values.items() if k in known})
+
+
+class Network:
+    """What runs: `model` is the plain module (what checkpoints hold); `module` is what batches go through (the
+    model, or its head on cached features); `train_module` is that module wrapped in DistributedDataParallel
+    and/or `torch.compile`, `eval_module` the same without the DDP wrapper (each rank evaluates its own shard,
+    sizes may differ by one, and only metric sums are reduced, so no collective op of the wrapper may run per
+    batch)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: nn.Module | None = None,
+        distributed: Any = None,
+        compile: bool = False,
+    ) -> None:
+        self.model = model
+        self.module = model if module is None else module
+        self.ddp = distributed.wrap(self.module) if distributed is not None and distributed.enabled else None
+        wrapped = self.ddp if self.ddp is not None else self.module
+        self.train_module: nn.Module = torch.compile(wrapped) if compile else wrapped
+        if self.ddp is None:
+            self.eval_module = self.train_module
+        else:
+            self.eval_module = torch.compile(self.module) if compile else self.module
+
+    def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager:
+        """DDP's `no_sync()` for a micro-batch that is not the last of its accumulation window: its gradients
+        stay local and are all-reduced together with the last one's."""
+        if accumulating and self.ddp is not None:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
+
 class Trainer:
     # Read-only views for callbacks (their whole surface is listed in `lab.callbacks.base`).
-    @property
-    def distributed(self) -> bool:
-        """Whether this process is one rank of a DDP (torchrun) job."""
-        return self.reduce is not None
-
     def batch_limit(self, stage: str) -> int | float | None:
         """`trainer.limit_<stage>_batches`: None (all), a count or a fraction of the split's batches."""
-        return self.cfg.get(f"limit_{stage}_batches")
+        return getattr(self.cfg, f"limit_{stage}_batches")
 
     @property
     def train_batches(self) -> int:
@@ -93,65 +145,72 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: DictConfig,
         model: nn.Module,
         task: Task,
+        loaders: Mapping[str, Any],
         optimizer: torch.optim.Optimizer,
-        schedulers: Schedulers,
-        loaders: dict[str, Any],
-        loggers: Any,
-        checkpointer: ckpt.Checkpointer,
-        device: torch.device,
-        checkpoint_extra: Callable[[], dict[str, Any]],
-        callbacks: dict[str, Any] | None = None,
-        forward_model: nn.Module | None = None,
-        reduce: Callable[[Tensor], Tensor] | None = None,
-        show_progress: bool = True,
+        config: TrainerConfig | Mapping[str, Any] | None = None,
+        *,
+        schedulers: Schedulers | None = None,
+        loggers: Any = None,
+        checkpointer: ckpt.Checkpointer | None = None,
+        callbacks: Mapping[str, Any] | None = None,
+        module: nn.Module | None = None,
+        distributed: Any = None,
+        device: torch.device | None = None,
+        mix: Any = None,
         class_names: Sequence[str] = (),
-        mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        checkpoint_extra: Mapping[str, Any] | None = None,
+        show_progress: bool = True,
     ) -> None:
-        self.cfg = cfg
+        """`module`: what batches go through when it is not the whole `model` (a head on cached features);
+        `distributed`: this process's place in a torchrun job (`lab.distributed.Distributed`), None for one
+        process; `checkpoint_extra`: plain values every checkpoint also holds (config, class names, ...);
+        `mix`: MixUp/CutMix of each training batch (class indices become soft targets); `device`: where the
+        batches go, by default the model's (`config.device` and `config.seed` are for `lab.train`, which places the
+        model and seeds the run before building the trainer)."""
+        from lab.loggers import LoggerFanOut
+
+        self.cfg = cfg = trainer_config(config)
         self.task = task
         self.class_names = list(class_names)  # for callbacks that name classes (the monitor's figures)
+        self.distributed = distributed if distributed is not None and distributed.enabled else None
+        self.network = Network(model, module, self.distributed, cfg.compile)
         self.model = model  # the plain module: its state_dict is what checkpoints hold
-        # What batches go through: the model, a part of it (e.g. a head on cached features) or a DDP wrapper of
-        # either; compiled when `trainer.compile`.
-        forward_model = model if forward_model is None else forward_model
-        self.forward_model: nn.Module = torch.compile(forward_model) if cfg.compile else forward_model
-        # Evaluation runs without the DDP wrapper: each rank evaluates its own shard (sizes may differ by one) and
-        # only the metric sums are reduced, so no collective op of the wrapper may run per batch.
-        unwrapped = getattr(forward_model, "module", forward_model) if isinstance(
-            forward_model, nn.parallel.DistributedDataParallel) else forward_model  # fmt: skip
-        if unwrapped is forward_model:
-            self.eval_model = self.forward_model
-        else:
-            self.eval_model = torch.compile(unwrapped) if cfg.compile else unwrapped
-        self.optimizer, self.schedulers = optimizer, schedulers
-        self.loaders, self.loggers, self.checkpointer = loaders, loggers, checkpointer
+        self.optimizer = optimizer
+        self.schedulers = schedulers if schedulers is not None else Schedulers()
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.device = device
-        self.checkpoint_extra = (
-            checkpoint_extra  # config, class names, logger state: things the loop doesn't own
-        )
+        self.loaders = {stage: as_loader(loader, device) for stage, loader in loaders.items()}
+        self.loggers = loggers if loggers is not None else LoggerFanOut({})
+        self.checkpointer = checkpointer if checkpointer is not None else ckpt.Checkpointer(
+            ".", "val/loss", "min", save_last=False, save_top_k=0)  # fmt: skip
+        self.checkpoint_extra = dict(checkpoint_extra or {})
         self.callbacks = dict(callbacks or {})
-        self.monitor, self.mode = checkpointer.monitor, checkpointer.mode
+        self.monitor, self.mode = self.checkpointer.monitor, self.checkpointer.mode
         self.state = TrainState()
         self.stop_signal: int | None = None
         self.should_stop = False  # set by a callback (early stopping, pruning): stop after this epoch
         self.show_progress = bool(cfg.progress_bar) and show_progress
-        self.nan_policy = str(cfg.nan_policy)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy=skip)
         self.stop_reason: str | None = None  # why fit ended early: max_steps, max_time or callback
-        self.max_steps, self.max_time = cfg.get("max_steps"), parse_duration(cfg.get("max_time"))
+        self.max_time = parse_duration(cfg.max_time)
         self.fit_start = self.epoch_start = 0.0
         self.val_metrics: dict[str, float] = {}  # of the latest validation
         self.validated_step = -1  # global step of the latest validation
+        self.last_saved_step = -1  # global step of the newest last.pt written
         # Running sums of the epoch in progress and of the logging window; saved in mid-epoch checkpoints so a
         # resumed epoch reports the same train metrics as an uninterrupted one.
         self.train_metrics = Metrics(task, device, window=True)
         self.eval_metrics = Metrics(task, device)
         self.resumed_metrics: dict[str, Any] | None = None
-        self.reduce = reduce  # sums a tensor over the DDP ranks (None: one process)
-        self.mix = mix  # MixUp/CutMix of each training batch (`mix=...`): class indices become soft targets
+        self.reduce = self.distributed.all_reduce_sum if self.distributed else None  # sum over the ranks
+        self.world_size = self.distributed.world_size if self.distributed else 1
+        # Buffers (BatchNorm statistics) are broadcast from rank 0 after every optimizer step, so that every rank
+        # validates, averages (EMA) and saves the same model.
+        self.synced_buffers = [b for b in self.network.module.buffers()] if self.distributed else []
+        self.mix = mix
 
         precision = str(cfg.precision)
         self.autocast_dtype = {
@@ -161,6 +220,9 @@ class Trainer:
         }.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
         self.channels_last = bool(cfg.channels_last)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any bad loss since the last step
+        self.window_start = 0.0  # perf_counter at the start of the logging window
+        self.val_steps: set[int] = set()  # the epoch's optimizer steps after which it validates
 
     # ---------------------------------------------------------------- helpers
     def autocast(self):
@@ -184,6 +246,11 @@ class Trainer:
         if getattr(self, "_hook_key", None) != key:
             self._hook_table, self._hook_key = hook_table(self.callbacks), key
         return self._hook_table[hook]
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluates batches (`network.eval_module`)."""
+        return self.network.eval_module
 
     def learning_rates(self) -> dict[str, float]:
         groups = self.optimizer.param_groups
@@ -210,8 +277,55 @@ class Trainer:
             },
             "train_metrics": self.train_metrics.state_dict() if self.state.batch_in_epoch else None,
             "rng": rng_state(),
-            **self.checkpoint_extra(),
+            "loggers": self.loggers.state_dict(),
+            **self.checkpoint_extra,
         }
+
+    def save_last(self) -> None:
+        """`last.pt` now (mid-epoch or at the end)."""
+        self.checkpointer.save_step(self.checkpoint_state())
+        self.last_saved_step = self.state.global_step
+
+    def save_validated(self, value: float | None, is_best: bool) -> None:
+        """The checkpoints of a validation (or of an epoch without one): last.pt every `every_n_epochs`, best.pt."""
+        checkpointer = self.checkpointer
+        checkpointer.save_epoch(self.checkpoint_state(), self.state.epoch, value, is_best)
+        if (
+            checkpointer.save_last
+            and checkpointer.every_n_epochs
+            and self.state.epoch % checkpointer.every_n_epochs == 0
+        ):
+            self.last_saved_step = self.state.global_step
+
+    # ---------------------------------------------------------------- resume
+    def resume(self, ckpt_path: str | Path, checkpoint: dict[str, Any] | None = None) -> None:
+        """Continue from `ckpt_path`: the weights, then (for a training checkpoint) the optimizer, schedulers,
+        scaler, loop state, callbacks' state, checkpointer's top-k, the loggers' runs and the RNG states.
+        `checkpoint`: the file already read, its weights already in the model (`lab.train` restores them first,
+        before a frozen backbone's features are cached). A checkpoint of weights alone starts at epoch 0."""
+        if checkpoint is None:
+            checkpoint = ckpt.load(ckpt_path)
+            ckpt.restore_model(self.model, checkpoint, f"ckpt_path={ckpt_path}", self.checkpointer.strict)
+        if not ckpt.is_resumable(checkpoint):
+            log.info("ckpt_path=%s holds weights only: training starts from them at epoch 0", ckpt_path)
+            return
+        self.load_checkpoint_state(checkpoint)
+        self.loggers.resume(self.state.global_step, checkpoint.get("loggers") or {})
+        planned = self.state.global_step + self.remaining_steps()
+        spans = getattr(self.schedulers.main, "total_steps", None)
+        if spans is not None and spans != planned:
+            log.warning("scheduler.total_steps stays %d as the checkpoint's schedule; this run takes %d steps in all",
+                        spans, planned)  # fmt: skip
+        log.info("resumed from %s at epoch %d, step %d", ckpt_path, self.state.epoch, self.state.global_step)
+
+    def remaining_steps(self) -> int:
+        """Optimizer steps from the current state to the end of the run (`max_epochs`, cut by `max_steps`)."""
+        per_epoch = steps_per_epoch(self.cfg, len(self.loaders["train"]))
+        done_in_epoch = -(-self.state.batch_in_epoch // self.cfg.accumulate_grad_batches)
+        remaining = (self.cfg.max_epochs - self.state.epoch) * per_epoch - done_in_epoch
+        if self.cfg.max_steps is not None:
+            remaining = min(remaining, self.cfg.max_steps - self.state.global_step)
+        return max(remaining, 0)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Everything needed to continue exactly where `state` was saved (model weights are loaded before)."""
@@ -240,7 +354,7 @@ class Trainer:
     @contextlib.contextmanager
     def stop_signals(self):
         """First SIGINT/SIGTERM (or `trainer.stop_signals`): finish the step, save, exit. Second: exit at once."""
-        names = list(self.cfg.get("stop_signals") or ["SIGINT", "SIGTERM"])
+        names = list(self.cfg.stop_signals or ["SIGINT", "SIGTERM"])
         signums = [getattr(signal, name) for name in names if hasattr(signal, name)]
 
         def handler(signum: int, frame: Any) -> None:
@@ -262,13 +376,17 @@ class Trainer:
                 signal.signal(s, h)
 
     # ---------------------------------------------------------------- fit
-    def fit(self) -> dict[str, float]:
-        """Epochs until `max_epochs`, `max_steps` or `max_time`, or until a callback asks to stop.
+    def fit(self, ckpt_path: str | Path | None = None) -> dict[str, float]:
+        """Epochs until `max_epochs`, `max_steps` or `max_time`, or until a callback asks to stop; with
+        `ckpt_path`, continue from that checkpoint first (`resume`).
 
         Validation (best/last checkpoints, callbacks) runs at the end of every `check_val_every_n_epoch`-th epoch
         and, with `val_check_interval`, also within it. A `max_steps` reached mid-epoch is validated; a `max_time`
-        that runs out only writes `last.pt` (mid-epoch), so the run resumes from there exactly.
+        that runs out only writes `last.pt` (mid-epoch), so the run resumes from there exactly. However training
+        ends (but a stop signal or a divergence), `last.pt` then holds its final state.
         """
+        if ckpt_path is not None:
+            self.resume(ckpt_path)
         cfg, state = self.cfg, self.state
         train_loader = self.loaders["train"]
         num_batches = limit_batches(cfg.limit_train_batches, len(train_loader))
@@ -284,8 +402,6 @@ class Trainer:
                 if state.batch_in_epoch < num_batches:  # stopped mid-epoch: max_steps, max_time or a callback
                     if self.stop_reason == "max_steps" and self.validated_step != state.global_step:
                         self.validate(train_metrics, epoch_end=False)
-                    elif self.stop_reason == "max_time" and self.checkpointer.save_last:
-                        self.checkpointer.save_step(self.checkpoint_state())
                     self.stop_reason = self.stop_reason or "callback"
                     break
                 state.epoch += 1
@@ -296,12 +412,14 @@ class Trainer:
                     self.schedulers.step_after_epoch(train_metrics)
                     self.loggers.log_metrics(self.epoch_record(train_metrics), state.global_step)
                     if self.checkpointer.enabled:
-                        self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, None, False)
+                        self.save_validated(None, False)
                 if self.stop_signal is not None:  # arrived during validation: the epoch is complete
                     self.save_interrupted()
                 if self.should_stop:  # asked by a callback: a normal end, checkpoints written
                     self.stop_reason = self.stop_reason or "callback"
                     break
+        if self.checkpointer.save_last and self.last_saved_step != state.global_step:
+            self.save_last()  # the newest state, whatever every_n_epochs / every_n_steps said
         self.checkpointer.wait()  # the last checkpoint is on disk before anything reads it
         self.callback("on_fit_end")
         return self.val_metrics
@@ -310,19 +428,23 @@ class Trainer:
         """Whether epoch `epoch` (1-based) ends with a validation: every `check_val_every_n_epoch`-th, and the last."""
         return epoch % self.cfg.check_val_every_n_epoch == 0 or epoch == self.cfg.max_epochs
 
-    def validation_steps(self, num_batches: int) -> int | None:
-        """`val_check_interval` as optimizer steps: an int is that many steps, a float that fraction of an epoch."""
+    def validation_steps(self, num_batches: int) -> set[int]:
+        """The optimizer steps of an epoch (1-based, before its last) after which `val_check_interval` validates:
+        an int N every N steps; a float f after each fraction f, 2f, ... of the epoch's steps (rounded up)."""
         interval = self.cfg.val_check_interval
+        steps = -(-num_batches // self.cfg.accumulate_grad_batches)
         if interval is None:
-            return None
+            return set()
         if isinstance(interval, float):
-            steps_per_epoch = -(-num_batches // self.cfg.accumulate_grad_batches)
-            return max(1, int(steps_per_epoch * interval))
-        return int(interval)
+            points = range(1, math.floor(1 / interval + 1e-9) + 1)
+            due = {max(1, math.ceil(k * interval * steps - 1e-9)) for k in points}
+        else:
+            due = set(range(int(interval), steps + 1, int(interval)))
+        return {step for step in due if step < steps}  # the epoch's end validates anyway
 
     def budget_spent(self) -> bool:
         """`max_steps` taken or `max_time` (seconds of this process's fit) used up; sets `stop_reason`."""
-        if self.max_steps is not None and self.state.global_step >= self.max_steps:
+        if self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps:
             self.stop_reason = "max_steps"
         elif self.max_time is not None and time.monotonic() - self.fit_start >= self.max_time:
             self.stop_reason = "max_time"
@@ -358,110 +480,133 @@ class Trainer:
         log.info("%s  %s", where, "  ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()))
         self.callback("on_validation_end", epoch_metrics)
         if self.checkpointer.enabled:
-            self.checkpointer.save_epoch(self.checkpoint_state(), state.epoch, value, is_best)
+            self.save_validated(value, is_best)
 
     def train_epoch(self, loader: Any, num_batches: int) -> dict[str, float]:
-        cfg, state = self.cfg, self.state
-        model, task, optimizer, scaler = self.forward_model, self.task, self.optimizer, self.scaler
-        # Plain Python values: an OmegaConf attribute lookup per step costs more than the metric update.
-        accumulate, log_every = cfg.accumulate_grad_batches, cfg.log_every_n_steps
-        clip = cfg.gradient_clip_val
-        model.train()
+        """One epoch (or its rest, when resumed mid-epoch): micro-steps, an optimizer step at the end of each
+        accumulation window, then what follows a step. Returns the epoch's train metrics."""
+        state, accumulate = self.state, self.cfg.accumulate_grad_batches
+        self.network.train_module.train()
         loader.set_epoch(state.epoch)
-        metrics = self.train_metrics
-        metrics.reset()
+        self.train_metrics.reset()
         if self.resumed_metrics is not None:  # mid-epoch resume: the sums of the batches already done
-            metrics.load_state_dict(self.resumed_metrics)
+            self.train_metrics.load_state_dict(self.resumed_metrics)
             self.resumed_metrics = None
-        skip_nan = self.nan_policy == "skip"
-        val_every = self.validation_steps(num_batches) if self.validation_due(state.epoch + 1) else None
-        budgets = self.max_steps is not None or self.max_time is not None
-        step_hooks = self.hooks("on_optimizer_step")
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any bad loss since the last step
-        window_start = time.perf_counter()
+        self.val_steps = self.validation_steps(num_batches) if self.validation_due(state.epoch + 1) else set()
+        # The last window of an epoch may hold fewer than `accumulate` batches: its losses are averaged over
+        # the batches it holds, as a full window's are.
+        last_window = (num_batches - 1) // accumulate * accumulate
+        self.window_start = time.perf_counter()
         start = state.batch_in_epoch  # > 0 only when resuming mid-epoch
-        # An augmenting loader skips without augmenting (no RNG draws): a resumed epoch continues exactly.
-        if isinstance(loader, AugmentedLoader):
-            batches = loader.batches(start, num_batches)
-        else:
-            batches = islice(loader, start, num_batches)
-        progress = self.progress(batches, total=num_batches, initial=start, desc=f"epoch {state.epoch + 1}")
-        mix = self.mix
+        # Skipped batches are not augmented (no RNG draws): a resumed epoch continues exactly.
+        progress = self.progress(loader.batches(start, num_batches), total=num_batches, initial=start,
+                                 desc=f"epoch {state.epoch + 1}")  # fmt: skip
         for index, (x, y) in enumerate(progress, start=start):
-            if mix is not None:
-                x, y = mix(x, y)
-            with self.autocast():
-                outputs, y = task.adapt(model(self.prepare(x)), y)
-                loss = task.loss(outputs, y)
-            scaled = loss / accumulate if accumulate > 1 else loss
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            if skip_nan:
-                finite = torch.isfinite(loss.detach())
-                nonfinite |= ~finite
-                # Keep a skipped batch out of the metrics without a host sync: its loss counts as 0.
-                loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))
-            metrics.update(loss, outputs, y)
+            window_end = (index + 1) % accumulate == 0 or index + 1 == num_batches
+            size = accumulate if index < last_window else num_batches - last_window
+            self.micro_step(x, y, size, sync=window_end)
             state.batch_in_epoch = index + 1
-            if state.batch_in_epoch % accumulate and state.batch_in_epoch != num_batches:
+            if not window_end:
                 continue  # accumulate gradients over more batches
-
-            log_now = (state.global_step + 1) % log_every == 0
-            self.callback("on_after_backward")
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = None
-            if clip:
-                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            elif log_now:
-                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
-            if skip_nan and bool(nonfinite):  # one host sync per optimizer step, only with nan_policy=skip
-                self.skipped_steps += 1
-                log.warning("non-finite loss at step %d: optimizer step skipped (%d so far)",
-                            state.global_step + 1, self.skipped_steps)  # fmt: skip
-                nonfinite.zero_()
-            elif scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
-            for hook in step_hooks:
-                hook(self)
-            lrs = self.learning_rates() if log_now else None  # the lr this step used
-            self.schedulers.step_after_optimizer(state.global_step)
-
-            if log_now:
-                metrics.fold_losses()
-                samples = metrics.window.count
-                values = metrics.compute_window("train", self.reduce)
-                self.check_finite(values["train/loss"])
-                elapsed = time.perf_counter() - window_start
-                values["train/samples_per_sec"] = samples / max(elapsed, 1e-9)
-                if grad_norm is not None:
-                    values["train/grad_norm"] = float(grad_norm)
-                self.loggers.log_metrics({**values, **lrs}, state.global_step)
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(  # shown at tqdm's next redraw (at most every 0.1 s), not redrawn now
-                        loss=f"{values['train/loss']:.4f}",
-                        samples_s=f"{values['train/samples_per_sec']:.0f}",
-                        refresh=False,
-                    )
-                window_start = time.perf_counter()
-            if self.checkpointer.step_due(state.global_step):
-                self.checkpointer.save_step(self.checkpoint_state())
-            if self.stop_signal is not None:
+            log_now = (state.global_step + 1) % self.cfg.log_every_n_steps == 0
+            grad_norm, lrs = self.optimizer_step(log_now)
+            if self.after_step(log_now, grad_norm, lrs, progress, num_batches):
                 break
-            epoch_step = -(-state.batch_in_epoch // accumulate)
-            if val_every and epoch_step % val_every == 0 and state.batch_in_epoch < num_batches:
-                self.validate(metrics.compute("train", self.reduce), epoch_end=False)
-                if self.stop_signal is not None or self.should_stop:
-                    break
-            if budgets and self.budget_spent():
-                break
-        values = metrics.compute("train", self.reduce)
+        values = self.train_metrics.compute("train", self.reduce)
         self.check_finite(values["train/loss"])
         return values
+
+    def micro_step(self, x: Tensor, y: Tensor, window: int, sync: bool) -> None:
+        """Forward and backward of one batch; its loss counts 1/`window` of the step's gradient. Without `sync`
+        (not the last batch of its window) DDP keeps the gradients local."""
+        if self.mix is not None:
+            x, y = self.mix(x, y)
+        with self.network.no_sync(not sync):
+            with self.autocast():
+                outputs, y = self.task.adapt(self.network.train_module(self.prepare(x)), y)
+                loss = self.task.loss(outputs, y)
+            scaled = loss / window if window > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if self.cfg.nan_policy == "skip":
+            finite = torch.isfinite(loss.detach())
+            self.nonfinite |= ~finite
+            # Keep a skipped batch out of the metrics without a host sync: its loss counts as 0.
+            loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))
+        self.train_metrics.update(loss, outputs, y)
+
+    def optimizer_step(self, log_now: bool) -> tuple[Tensor | None, dict[str, float] | None]:
+        """Unscale, clip, skip (nan_policy=skip) or step, then the schedulers. Returns the gradient norm (when
+        clipping or logging) and the learning rates this step used (when logging)."""
+        optimizer, scaler, state = self.optimizer, self.scaler, self.state
+        self.callback("on_after_backward")
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = None
+        if self.cfg.gradient_clip_val:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.gradient_clip_val)
+        elif log_now:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
+        if self.cfg.nan_policy == "skip" and self.step_is_bad():
+            self.skipped_steps += 1
+            log.warning("non-finite loss at step %d: optimizer step skipped (%d so far)",
+                        state.global_step + 1, self.skipped_steps)  # fmt: skip
+        elif scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        if self.synced_buffers:
+            self.distributed.broadcast(self.synced_buffers)
+        self.callback("on_optimizer_step")
+        lrs = self.learning_rates() if log_now else None  # the lr this step used
+        self.schedulers.step_after_optimizer(state.global_step)
+        return grad_norm, lrs
+
+    def step_is_bad(self) -> bool:
+        """Whether any batch of this window, on any rank, had a non-finite loss: one host sync (and under DDP one
+        all-reduce) per optimizer step, only with nan_policy=skip, so that every rank skips the same steps."""
+        bad = bool(self.nonfinite if self.reduce is None else self.reduce(self.nonfinite.float()) > 0)
+        self.nonfinite.zero_()
+        return bad
+
+    def after_step(self, log_now: bool, grad_norm: Tensor | None, lrs: dict[str, float] | None, progress: Any,
+                   num_batches: int) -> bool:  # fmt: skip
+        """Logging, checkpoints, validation within the epoch, budgets. True: end the epoch here."""
+        state = self.state
+        if log_now:
+            self.log_window(grad_norm, lrs, progress)
+        if self.checkpointer.step_due(state.global_step):
+            self.save_last()
+        if self.stop_signal is not None:
+            return True
+        epoch_step = -(-state.batch_in_epoch // self.cfg.accumulate_grad_batches)
+        if epoch_step in self.val_steps and state.batch_in_epoch < num_batches:
+            self.validate(self.train_metrics.compute("train", self.reduce), epoch_end=False)
+            if self.stop_signal is not None or self.should_stop:
+                return True
+        return self.budget_spent()  # max_time mid-epoch: fit writes last.pt, resumable from exactly here
+
+    def log_window(self, grad_norm: Tensor | None, lrs: dict[str, float] | None, progress: Any) -> None:
+        """The logging window's train loss, throughput (samples of all ranks per second), gradient norm and lr."""
+        metrics = self.train_metrics
+        metrics.fold_losses()
+        samples = metrics.window.count * self.world_size  # every rank trains on equal shards
+        values = metrics.compute_window("train", self.reduce)
+        self.check_finite(values["train/loss"])
+        elapsed = time.perf_counter() - self.window_start
+        values["train/samples_per_sec"] = samples / max(elapsed, 1e-9)
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        self.loggers.log_metrics({**values, **(lrs or {})}, self.state.global_step)
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(  # shown at tqdm's next redraw (at most every 0.1 s), not redrawn now
+                loss=f"{values['train/loss']:.4f}",
+                samples_s=f"{values['train/samples_per_sec']:.0f}",
+                refresh=False,
+            )
+        self.window_start = time.perf_counter()
 
     def check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -481,7 +626,7 @@ class Trainer:
 
     def save_interrupted(self) -> None:
         if self.checkpointer.save_last:
-            self.checkpointer.save_step(self.checkpoint_state())
+            self.save_last()
             self.checkpointer.wait()
             log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
                         self.state.batch_in_epoch)  # fmt: skip
@@ -500,9 +645,9 @@ class Trainer:
         self, stage: str, limit: int | float | None = None, progress: bool = False
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(outputs, loss, targets) of each batch of a split in eval mode, up to `limit` batches."""
-        loader, model = self.loaders[stage], self.eval_model
+        loader, model = self.loaders[stage], self.network.eval_module
         num_batches = limit_batches(limit, len(loader))
-        batches = islice(loader, num_batches)
+        batches = loader.batches(0, num_batches)
         if progress:
             batches = self.progress(batches, total=num_batches, desc=stage)
         was_training = model.training

@@ -9,9 +9,11 @@ What a callback may use of the trainer (its public surface; nothing else is prom
 - `trainer.state`: `epoch` (completed epochs), `global_step` (optimizer steps taken), `batch_in_epoch` (batches
   of the current epoch trained), `best` (best value of the monitored metric so far). Read only.
 - `trainer.model`: the plain `nn.Module` whose `state_dict` checkpoints hold (never a DDP or compiled wrapper);
-  `trainer.eval_model`: what evaluation runs batches through (the model, or its head on cached features;
-  compiled when the run compiles).
-- `trainer.optimizer`, `trainer.task` (loss, metrics and figures, `lab.tasks`), `trainer.class_names`.
+  `trainer.network`: what runs — `module` (the model, or its head on cached features), `train_module` (that
+  module wrapped in DDP and/or compiled), `eval_module` (the same without the DDP wrapper); `trainer.eval_model`
+  is `trainer.network.eval_module`.
+- `trainer.optimizer`, `trainer.schedulers`, `trainer.task` (loss, metrics and figures, `lab.tasks`),
+  `trainer.class_names`, `trainer.cfg` (the loop's `TrainerConfig`, read only).
 - `trainer.loaders`: split name (`train`, `val`, `test`) → loader yielding `(inputs, targets)` batches on the
   device; `trainer.batch_limit(stage)`: how many batches of a split a run uses (its `limit_<stage>_batches` setting);
   `trainer.train_batches`: training batches per epoch, that limit applied.
@@ -22,7 +24,8 @@ What a callback may use of the trainer (its public surface; nothing else is prom
 - `trainer.loggers`: the logger fan-out (`lab.loggers.Logger`'s methods; false when nothing logs, e.g. on
   ranks other than 0).
 - `trainer.monitor`, `trainer.mode`: `checkpoint.monitor` and whether it is maximised or minimised.
-- `trainer.device`; `trainer.distributed`: whether this process is one rank of a DDP (torchrun) job.
+- `trainer.device`; `trainer.distributed`: this rank's place in a DDP (torchrun) job, None in one process;
+  `trainer.world_size`; `trainer.reduce(tensor)`: the sum over the ranks (None in one process).
 - `trainer.should_stop = True`: stop after the current epoch or validation (checkpoints written, normal exit).
 
 `state_dict()`/`load_state_dict()` put a callback's state into every checkpoint and take it back on resume.

@@ -4,11 +4,15 @@
 batches are drawn by shuffled index, with no per-sample `__getitem__`, collation or host-to-device copy.
 `DeviceLoader` wraps a classic `DataLoader` for everything else. Both shuffle with a permutation derived from
 `(seed, epoch)`, so the data order is reproducible and a resumed run sees the same batches.
+
+Every loader the loop uses has `set_epoch(epoch)`, `len()` and `batches(start, stop)`: the batches `start:stop` of
+the epoch (a run resumed mid-epoch starts at `start`). `as_loader` gives any other iterable of batches these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 
 import torch
 from torch import Tensor
@@ -48,7 +52,9 @@ class InMemoryLoader:
             return None  # plain slices: views, no copy
         else:
             indices = torch.arange(n)
-        if self.world_size > 1 and self.shuffle:  # equal shards, like DistributedSampler (pad by wrapping around)
+        if (
+            self.world_size > 1 and self.shuffle
+        ):  # equal shards, like DistributedSampler (pad by wrapping around)
             per_rank = -(-n // self.world_size)
             indices = torch.cat([indices, indices[: per_rank * self.world_size - n]])
         if self.world_size > 1:  # evaluation: every sample exactly once over the ranks (shards differ by one)
@@ -65,13 +71,20 @@ class InMemoryLoader:
         return -(-self._num_samples() // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.batches(0, None)
+
+    def batches(self, start: int, stop: int | None) -> Iterator[Batch]:
+        """Batches `start:stop` (None: to the end); the skipped ones are not drawn at all."""
         indices = self._indices()
-        for start in range(0, self._num_samples(), self.batch_size):
+        first, end = start * self.batch_size, self._num_samples()
+        if stop is not None:
+            end = min(end, stop * self.batch_size)
+        for offset in range(first, end, self.batch_size):
             if indices is None:
-                x = self.inputs[start : start + self.batch_size]
-                y = self.targets[start : start + self.batch_size]
+                x = self.inputs[offset : offset + self.batch_size]
+                y = self.targets[offset : offset + self.batch_size]
             else:
-                index = indices[start : start + self.batch_size]
+                index = indices[offset : offset + self.batch_size]
                 x, y = self.inputs.index_select(0, index), self.targets.index_select(0, index)
             yield (self.transform(x) if self.transform is not None else x), y
 
@@ -91,10 +104,48 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for x, y in self.loader:
+        return self.batches(0, None)
+
+    def batches(self, start: int, stop: int | None) -> Iterator[Batch]:
+        """Batches `start:stop` (None: to the end); the skipped ones are loaded but not copied to the device."""
+        for x, y in islice(self.loader, start, stop):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             yield (self.transform(x) if self.transform is not None else x), y
+
+
+class IterableLoader:
+    """Any re-iterable of `(inputs, targets)` batches (a `DataLoader`, a list) as a loader of the loop, its batches
+    moved to `device` (when given)."""
+
+    def __init__(self, source: Iterable[Batch], device: torch.device | None = None) -> None:
+        self.source, self.device = source, device
+
+    def set_epoch(self, epoch: int) -> None:
+        for owner in (self.source, getattr(self.source, "sampler", None)):
+            if callable(getattr(owner, "set_epoch", None)):
+                owner.set_epoch(epoch)
+                return
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches(0, None)
+
+    def batches(self, start: int, stop: int | None) -> Iterator[Batch]:
+        for x, y in islice(self.source, start, stop):
+            if self.device is not None:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x, y
+
+
+def as_loader(loader: Iterable[Batch], device: torch.device | None = None) -> Iterable[Batch]:
+    """`loader` itself when it has `batches(start, stop)` and `set_epoch`, else an `IterableLoader` of it (its
+    batches moved to `device`)."""
+    if callable(getattr(loader, "batches", None)) and callable(getattr(loader, "set_epoch", None)):
+        return loader
+    return IterableLoader(loader, device)
 
 
 def default_num_workers() -> int:
