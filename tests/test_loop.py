@@ -14,6 +14,7 @@ from conftest import CONF, compose_config
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lab import Callback
 from lab import checkpoint as ckpt
 from lab.config import TrainerConfig
 from lab.trainer import Trainer, optimizer_steps
@@ -39,7 +40,7 @@ def batches(count: int, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor
     return list(zip(x.split(size), y.split(size), strict=True))
 
 
-class Recorder:
+class Recorder(Callback):
     """A callback: the global step of every validation, and the learning rates each optimizer step used."""
 
     def __init__(self) -> None:
@@ -154,7 +155,7 @@ def test_every_scheduler_spans_the_optimizer_steps_that_run(scheduler: str, loop
         pytest.fail(f"no expectations for the shipped scheduler {scheduler!r}: add them here")
 
 
-class GradientProbe:
+class GradientProbe(Callback):
     """A callback: the gradient of each optimizer step (`on_after_backward`), and the model as it was before."""
 
     def __init__(self) -> None:
@@ -224,7 +225,7 @@ def test_last_pt_holds_the_final_state_whatever_the_cadence(checkpoint: dict, tm
         assert torch.equal(last["model"][name], tensor), name
 
 
-class StopAfterEpoch:
+class StopAfterEpoch(Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
