@@ -1,8 +1,8 @@
-"""`python bench/first_step.py [overrides]` runs `train.py` exactly as `python train.py` would, and at the first
-optimizer step prints `FIRST_STEP <unix time> <whether torchvision was imported>` and exits. bench.py subtracts the
-time it started this process."""
+"""`python bench/first_step.py SCRIPT [args]` runs SCRIPT exactly as `python SCRIPT [args]` would, and prints
+`FIRST_STEP <unix time>` at its first optimizer step and `IMPORTED <modules>` when it exits: which of the heavy
+optional libraries (`WATCHED`) the run imported. bench.py subtracts the time it started this process."""
 
-import os
+import atexit
 import runpy
 import sys
 import time
@@ -10,15 +10,24 @@ from pathlib import Path
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-ROOT = Path(__file__).resolve().parents[1]
+WATCHED = ("torchvision", "torchmetrics", "scipy", "matplotlib", "sklearn", "wandb", "onnx", "optuna")
 
 
-def stop_at_first_step(optimizer, args, kwargs) -> None:
-    vision = "torchvision imported" if "torchvision" in sys.modules else "torchvision not imported"
-    print(f"FIRST_STEP {time.time():.4f} {vision}", flush=True)
-    os._exit(0)
+def first_step(optimizer, args, kwargs) -> None:
+    if not first_step.seen:
+        first_step.seen = True
+        print(f"FIRST_STEP {time.time():.4f}", flush=True)
 
 
-register_optimizer_step_post_hook(stop_at_first_step)
-sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
-runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+first_step.seen = False
+
+
+@atexit.register
+def imported() -> None:
+    print("IMPORTED " + ",".join(m for m in WATCHED if m in sys.modules), flush=True)
+
+
+register_optimizer_step_post_hook(first_step)
+script = str(Path(sys.argv[1]).resolve())
+sys.argv = [script, *sys.argv[2:]]
+runpy.run_path(script, run_name="__main__")
