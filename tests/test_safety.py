@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, compose_config, train
+from conftest import ROOT, TINY, cli_env, compose_config, in_process, train
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from lab import checkpoint as ckpt
@@ -246,10 +247,10 @@ def test_redaction_helpers(tmp_path: Path) -> None:
                               "token_budget_none": None}  # fmt: skip
     assert redact_override("+logger.wandb.api_key=k-123456") == f"+logger.wandb.api_key={MASK}"
     assert redact_override("optimizer.lr=0.1") == "optimizer.lr=0.1"
-    assert [
-        is_secret(k) for k in ("hf_token", "WANDB_API_KEY", "client_secret", "db.password", "apikey")
-    ] == [True] * 5
-    assert [is_secret(k) for k in ("tokenizer", "max_tokens", "secretary_count", "keyboard")] == [False] * 4
+    # The broad name pattern: key, token, secret, passw, credential, auth anywhere in the name.
+    names = ("hf_token", "WANDB_API_KEY", "client_secret", "db.password", "apikey", "wandb_key", "AUTH")
+    assert [is_secret(k) for k in names] == [True] * 7
+    assert [is_secret(k) for k in ("optimizer.lr", "model.width", "db_dsn")] == [False] * 3
     hydra_dir = tmp_path / ".hydra"
     hydra_dir.mkdir()
     (hydra_dir / "config.yaml").write_text("logger:\n  wandb:\n    api_key: k-123456\n    project: p\n")
@@ -357,3 +358,31 @@ def test_a_second_signal_quits_at_once(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert not (tmp_path / "ckpt" / "last.pt").exists()  # no half-finished step was saved
+
+
+def test_secret_values_never_reach_a_sweep_file_or_the_console(tmp_path: Path) -> None:
+    """Secrets by value: an override whose name only contains `key`, a `token`, an environment variable named
+    `*auth*` that reaches the config through `${oc.env:...}` under a plain name, and a name listed in
+    LAB_SECRETS; every byte of the sweep (multirun.yaml, each job's .hydra/, run_info.json, checkpoints,
+    TensorBoard, CSV, W&B offline files) and the console are searched for each value."""
+    secrets = {"wandb_key": "wk-0123456789ab", "hf_token": "hf-abcdef012345", "env": "env-auth-55667788",
+               "listed": "dsn-postgres-998877"}  # fmt: skip
+    env = cli_env(MY_SERVICE_AUTH=secrets["env"], LAB_SECRETS="db_dsn")
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *TINY, "trainer.max_epochs=1", "logger=many",
+            "print_config=true", "trainer.progress_bar=false", f"+wandb_key={secrets['wandb_key']}",
+            f"+dataset.hf_token={secrets['hf_token']}", "+dataset.endpoint=${oc.env:MY_SERVICE_AUTH}",
+            f"+db_dsn={secrets['listed']}", "optimizer.lr=1e-3,1e-2"]  # fmt: skip
+    proc = in_process("train.py", args, check=True, env=env)
+    assert "#0 : " in proc.stdout + proc.stderr and MASK in proc.stdout + proc.stderr
+    files = [p for p in sweep_dir.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"multirun.yaml", "overrides.yaml", "run_info.json", "last.pt", "metrics.csv"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert any(n.endswith(".wandb") for n in names)
+    for value in secrets.values():
+        assert value not in proc.stdout and value not in proc.stderr
+        for path in files:
+            assert value.encode() not in path.read_bytes(), path
+    job = OmegaConf.load(sweep_dir / "0" / ".hydra" / "overrides.yaml")
+    assert f"+wandb_key={MASK}" in job and "optimizer.lr=0.001" in job

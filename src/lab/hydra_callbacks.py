@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lab.errors import UserError
+from lab.redact import install_log_filter, scrub_file, secret_values
 from lab.runtime import check_writable
 
 
@@ -26,3 +29,40 @@ class CheckOutputDir(Callback):
             check_writable(str(OmegaConf.select(config, key)), key)
         except UserError as e:
             e.exit()  # SystemExit passes through Hydra's error reporting: no traceback
+
+
+class RedactSecrets(Callback):
+    """Secret values out of Hydra's console lines (the sweep's `#0 : ...`), `multirun.yaml` and each job's
+    `.hydra/`, which Hydra writes before the task runs (lab.redact)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_log_filter(None, _overrides(config))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_log_filter(None, _overrides(config))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        values = secret_values(_resolved(config), _overrides(config))
+        install_log_filter(None, _overrides(config))
+        output_dir = Path(str(config.hydra.runtime.output_dir))
+        for path in sorted((output_dir / ".hydra").glob("*.yaml")):
+            scrub_file(path, values)
+        if config.hydra.mode == RunMode.MULTIRUN:
+            scrub_file(Path(str(config.hydra.sweep.dir)) / "multirun.yaml", values)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        values = secret_values(None, _overrides(config))
+        scrub_file(Path(str(config.hydra.sweep.dir)) / "multirun.yaml", values)
+
+
+def _overrides(config: DictConfig) -> list[str]:
+    return [*config.hydra.overrides.task, *config.hydra.overrides.hydra]
+
+
+def _resolved(config: DictConfig) -> Any:
+    """The job's config with interpolations resolved where they can be (`${oc.env:...}`), without Hydra's part."""
+    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    try:
+        return OmegaConf.to_container(task, resolve=True)
+    except Exception:  # a resolver that fails here fails again, with its own message, when the job builds
+        return OmegaConf.to_container(task, resolve=False)

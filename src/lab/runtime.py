@@ -182,6 +182,6 @@ def run_info() -> dict[str, Any]:
         "hostname": platform.node(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "command": [sys.executable, *map(redact_override, sys.argv)],
+        "command": [sys.executable, *map(redact_override, sys.argv)],  # secret values masked
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -49,6 +49,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
+    from lab.redact import scrub_text, secret_values
+
+    line = scrub_text(line, secret_values())
     print(line, file=sys.stderr, flush=True)
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
     metrics = Path(output_dir) / "metrics.json" if output_dir else None
@@ -174,7 +177,7 @@ def build(cfg: DictConfig) -> Job:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config = redact(resolved)
+    config = redact(resolved)  # secret-named keys and every known secret value masked
     scrub_hydra_dir(output_dir, resolved)
     install_log_filter(resolved)
     device = resolve_device(cfg.trainer.device)
