@@ -6,8 +6,9 @@ Config: `conf/hydra/sweeper/lab_optuna.yaml` and its `sampler/`, `pruner/`, `sto
   `params` and the command line; a plain value on the command line fixes a parameter;
 - job N is Optuna trial N: each job finds its trial through its own Hydra config (`hydra.job.num` and
   `hydra.sweeper`), reports to it after every validation and stops when the pruner says so (lab.optuna_trial);
-- `n_trials` counts the finished trials of the whole study, so re-running in the same sweep dir resumes it; trials
-  left RUNNING by an interrupted sweep become FAIL and the sampler is reseeded (its seed would repeat old trials);
+- `n_trials` counts the finished trials of the whole study, so re-running in the same sweep dir resumes it: a trial
+  left RUNNING by an interrupted sweep runs again as the same job, which continues from its own last.pt, and the
+  sampler is reseeded (its seed would repeat old trials);
 - a job that failed, diverged (it returns NaN) or crashed is a FAIL trial; only crashes count against
   `max_failure_rate`; a job whose metrics.json says `pruned` is a PRUNED trial;
 - `objectives` (metrics.json keys, one per `direction`) makes a multi-objective study; by default the objective
@@ -113,6 +114,7 @@ class LabOptunaSweeper(Sweeper):
             float(max_failure_rate),
         )
         self.params = params
+        self.interrupted: list[Any] = []  # trials an interrupted run of this sweep left RUNNING
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -192,9 +194,10 @@ class LabOptunaSweeper(Sweeper):
     def _resume(self, study: Any) -> None:
         from optuna.trial import TrialState
 
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            log.warning("trial %d was left running by an interrupted sweep: marking it failed", trial.number)
-            study.tell(trial.number, state=TrialState.FAIL)
+        self.interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in self.interrupted:
+            log.warning("trial %d was left running by an interrupted sweep: its job continues from its last.pt",
+                        trial.number)  # fmt: skip
         trials = study.get_trials(deepcopy=False)
         if trials:
             study.sampler.reseed_rng()  # its seed would propose the study's first trials again
@@ -204,7 +207,15 @@ class LabOptunaSweeper(Sweeper):
 
     # ---------------------------------------------------------------- the loop
     def _run(self, study: Any, space: dict[str, Any], fixed: dict[str, str]) -> list[JobReturn]:
+        import optuna
+
         returns: list[JobReturn] = []
+        for frozen in self.interrupted:  # the same job number, params and folder: lab.sweep resumes it
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            overrides = tuple(f"{k}={v}" for k, v in {**frozen.params, **fixed}.items())
+            ret = self.launcher.launch([overrides], initial_job_idx=frozen.number)[0]
+            self._tell(study, trial, ret)
+            returns.append(ret)
         while (
             to_go := self.n_trials - sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         ) > 0:

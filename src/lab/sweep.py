@@ -4,6 +4,11 @@
 each job (so a long or interrupted sweep has one so far) and writes and prints it when the multirun ends;
 `python -m lab.sweep_summary <sweep dir>` rebuilds it, e.g. for a sweep stopped with Ctrl-C. Everything is read
 back from the job dirs (`metrics.json`, `.hydra/`), so the summary is the same however the jobs were launched.
+
+Resuming: `sweep.json` in the sweep dir records what the sweep is (its overrides and search space); a sweep dir
+only ever holds the jobs of that one sweep. Running the same sweep again in it skips the jobs whose metrics.json
+says success (or pruned), resumes interrupted jobs from their own `checkpoints/last.pt` (`lab.train.resolve_resume`)
+and runs failed ones again (`finished_job`); a different sweep there is refused before any job starts.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 SUCCESS = "success"
+DONE = (SUCCESS, "pruned")  # a job in this state is not run again when its sweep is re-run
+RECORD = "sweep.json"
 INCOMPLETE = "incomplete"  # no metrics.json: crashed, killed or still running
 
 
@@ -237,8 +244,78 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+def sweep_record(config: DictConfig) -> dict[str, Any]:
+    """What makes a sweep the same sweep: its command-line overrides and its sweeper's search space."""
+    from lab.redact import redact, redact_override
+
+    sweeper = config.hydra.sweeper
+    return {
+        "overrides": [redact_override(str(o)) for o in config.hydra.overrides.task],
+        "sweeper": str(sweeper.get("_target_")),
+        "params": redact(
+            OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
+        ),
+    }
+
+
+def claim_sweep_dir(config: DictConfig) -> None:
+    """Write `sweep.json`, or check that the sweep dir holds this very sweep (else one line, exit 2)."""
+    from lab.errors import UserError
+
+    sweep_dir = Path(config.hydra.sweep.dir)
+    record, path = sweep_record(config), sweep_dir / RECORD
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier is None and any(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        earlier = {"overrides": ["(a sweep that left no sweep.json)"]}
+    if earlier is not None and earlier != record:
+        UserError(
+            f"the sweep dir holds the jobs of another sweep ({' '.join(earlier['overrides'])})",
+            "hydra.sweep.dir",
+            "give this sweep a new hydra.sweep.dir, or re-run that sweep's own command to resume it",
+        ).exit()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def finished_job(output_dir: Path, num: Any) -> float | None:
+    """A job of a re-run sweep: its objective when it finished in an earlier run (not run again), else None.
+
+    A failed earlier attempt is moved to `failed-attempt-<n>/` in the job dir, so this attempt starts clean and
+    nothing it reports comes from the earlier one (its checkpoints are never resumed from).
+    """
+    import logging
+
+    try:
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None  # never finished: resumed from its own last.pt if it wrote one
+    log = logging.getLogger("lab")
+    if metrics.get("status") in DONE:
+        log.info("sweep job %s: %s in an earlier run of this sweep (%s), not run again", num,
+                 metrics["status"], output_dir / "metrics.json")  # fmt: skip
+        best = _number(metrics.get("best"))
+        return best if best is not None else math.nan
+    attempt = next(output_dir / f"failed-attempt-{n}" for n in range(1, 10_000)
+                   if not (output_dir / f"failed-attempt-{n}").exists())  # fmt: skip
+    attempt.mkdir()
+    for path in output_dir.iterdir():  # train.log is open (Hydra appends to it) and .hydra/ is this attempt's
+        if (
+            path != attempt
+            and not path.name.startswith((".", "failed-attempt-"))
+            and path.name != "train.log"
+        ):
+            path.rename(attempt / path.name)
+    log.info("sweep job %s: %s in an earlier run of this sweep, run again (that attempt: %s)", num,
+             metrics.get("status"), attempt)  # fmt: skip
+    return None
+
+
 class SweepSummary(Callback):
-    """Updates the summary after each job; at the end prints the best job and exits 1 when no job succeeded."""
+    """Claims the sweep dir (`sweep.json`); updates the summary after each job; at the end prints the best job and
+    exits 1 when no job succeeded."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        claim_sweep_dir(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or os.environ.get("RANK", "0") != "0":

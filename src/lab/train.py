@@ -30,6 +30,12 @@ def main(cfg: DictConfig) -> float:
     from lab.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
+        if _in_multirun():  # a job of a re-run sweep that already finished is not run again
+            from lab.sweep import finished_job
+
+            done = finished_job(Path(cfg.paths.output_dir), _job_num())
+            if done is not None:
+                return done
         return run(cfg)
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
@@ -70,6 +76,12 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _job_num() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.num
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -96,23 +108,29 @@ def model_summary(model: Any, example: Any) -> str:
 
 
 def resolve_resume(cfg: DictConfig) -> None:
-    """`resume=auto`: continue from the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`), if any.
+    """Which checkpoint this run continues from (sets `ckpt_path`).
 
-    An explicit `ckpt_path` wins. The resumed run writes into its own new run dir (nothing earlier is touched)
-    unless `hydra.run.dir=<old run dir>` is given to continue in place.
+    A sweep job continues from its own `checkpoints/last.pt` when an earlier run of the sweep was interrupted
+    (see lab.sweep). `resume=auto`: continue from the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`),
+    if any; an explicit `ckpt_path` wins. The resumed run writes into its own new run dir (nothing earlier is
+    touched) unless `hydra.run.dir=<old run dir>` is given to continue in place.
     """
     from omegaconf import open_dict
 
     from lab import checkpoint as ckpt
 
     mode = cfg.get("resume")
-    if mode is None:
-        return
-    if mode != "auto":
+    if mode not in (None, "auto"):
         raise UserError(f"unknown value {mode!r}", "resume", "use resume=auto or resume=null")
     if _in_multirun():
-        raise UserError("resume=auto would give every job of a sweep the same checkpoint", "resume",
-                        "resume single runs, or pass ckpt_path per job")  # fmt: skip
+        own = Path(OmegaConf.select(cfg, "checkpoint.dirpath", default="") or cfg.paths.output_dir, "last.pt")
+        if own.is_file():
+            with open_dict(cfg):
+                cfg.ckpt_path = str(own)
+            log.info("sweep job %s: resuming from its own %s", _job_num(), own)
+        return
+    if mode is None:
+        return
     if cfg.get("ckpt_path"):
         return
     found = ckpt.find_last(cfg.paths.log_dir, cfg.task_name)
