@@ -9,6 +9,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lab import run_lock
 from lab.errors import UserError
 from lab.redact import install_log_filter, scrub_file, secret_values
 from lab.runtime import check_writable
@@ -29,6 +30,17 @@ class CheckOutputDir(Callback):
             check_writable(str(OmegaConf.select(config, key)), key)
         except UserError as e:
             e.exit()  # SystemExit passes through Hydra's error reporting: no traceback
+
+
+class LockRunDir(Callback):
+    """Takes the run folder's lock (lab.run_lock) before Hydra writes `.hydra/` and the log into it, so a second
+    process on the same folder changes nothing there; the run releases it when it ends (lab.train.run)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            run_lock.acquire(str(OmegaConf.select(config, "hydra.run.dir")))
+        except UserError as e:
+            e.exit()
 
 
 class RedactSecrets(Callback):

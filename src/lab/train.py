@@ -108,12 +108,12 @@ def model_summary(model: Any, example: Any) -> str:
 
 
 def resolve_resume(cfg: DictConfig) -> None:
-    """Which checkpoint this run continues from (sets `ckpt_path`).
+    """Which checkpoint this run continues from (sets `ckpt_path`); an explicit `ckpt_path` wins.
 
-    A sweep job continues from its own `checkpoints/last.pt` when an earlier run of the sweep was interrupted
-    (see lab.sweep). `resume=auto`: continue from the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`),
-    if any; an explicit `ckpt_path` wins. The resumed run writes into its own new run dir (nothing earlier is
-    touched) unless `hydra.run.dir=<old run dir>` is given to continue in place.
+    A sweep job continues from its own `last.pt` when an earlier run of the sweep was interrupted (see lab.sweep).
+    `resume=auto` with a run folder (`hydra.run.dir=<run>`) continues that folder from its own `last.pt`, never
+    another run's; without one, the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`) in a new run dir
+    (nothing earlier is touched). Either way the log says which file, or that none was found.
     """
     from omegaconf import open_dict
 
@@ -122,24 +122,36 @@ def resolve_resume(cfg: DictConfig) -> None:
     mode = cfg.get("resume")
     if mode not in (None, "auto"):
         raise UserError(f"unknown value {mode!r}", "resume", "use resume=auto or resume=null")
+    own = Path(OmegaConf.select(cfg, "checkpoint.dirpath", default="") or cfg.paths.output_dir, "last.pt")
     if _in_multirun():
-        own = Path(OmegaConf.select(cfg, "checkpoint.dirpath", default="") or cfg.paths.output_dir, "last.pt")
-        if own.is_file():
-            with open_dict(cfg):
-                cfg.ckpt_path = str(own)
-            log.info("sweep job %s: resuming from its own %s", _job_num(), own)
+        found, why = (
+            (own, f"sweep job {_job_num()}: resuming from its own {own}") if own.is_file() else (None, "")
+        )
+    elif mode is None or cfg.get("ckpt_path"):
         return
-    if mode is None:
-        return
-    if cfg.get("ckpt_path"):
-        return
-    found = ckpt.find_last(cfg.paths.log_dir, cfg.task_name)
-    if found is None:
-        log.info("resume=auto: no last.pt under %s/%s/runs, starting fresh", cfg.paths.log_dir, cfg.task_name)
-        return
-    with open_dict(cfg):
-        cfg.ckpt_path = str(found)
-    log.info("resume=auto: resuming from %s", found)
+    elif _run_dir_given():
+        found = own if own.is_file() else None
+        why = f"resume=auto: continuing this run folder from its own {own}" if found else (
+            f"resume=auto: no {own} yet, starting fresh in this run folder")  # fmt: skip
+    else:
+        found = ckpt.find_last(cfg.paths.log_dir, cfg.task_name)
+        where = f"{cfg.paths.log_dir}/{cfg.task_name}/runs"
+        why = f"resume=auto: resuming from {found}, the newest last.pt under {where}" if found else (
+            f"resume=auto: no last.pt under {where}, starting fresh")  # fmt: skip
+    if why:
+        log.info(why)
+    if found is not None:
+        with open_dict(cfg):
+            cfg.ckpt_path = str(found)
+
+
+def _run_dir_given() -> bool:
+    """`hydra.run.dir=...` on the command line: the run continues in that folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and any(
+        str(o).lstrip("+").startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra
+    )
 
 
 @dataclass
@@ -161,16 +173,22 @@ class Job:
 
 def run(cfg: DictConfig) -> float:
     """Check the config, build everything, train, evaluate the best weights, report."""
-    resolve_resume(cfg)
-    validate(cfg)
-    job = build(cfg)
-    ddp, success = job.ddp, False
+    from lab import run_lock
+
+    run_lock.acquire(cfg.paths.output_dir)  # one process per run folder, for the whole run
     try:
-        best = fit_and_report(job)
-        success = True
+        resolve_resume(cfg)
+        validate(cfg)
+        job = build(cfg)
+        ddp, success = job.ddp, False
+        try:
+            best = fit_and_report(job)
+            success = True
+        finally:
+            del job  # with it the DDP wrapper, which holds the process group: see Distributed.close
+            ddp.close(success)
     finally:
-        del job  # with it the DDP wrapper, which holds the process group: see Distributed.close
-        ddp.close(success)
+        run_lock.release(cfg.paths.output_dir)
     return best
 
 
