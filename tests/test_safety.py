@@ -8,7 +8,10 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,7 +74,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(UserError, match="No space left on device") as info:
         ckpt.write_atomic(ckpt.serialize(plain_state(2)), path)
-    assert str(path) in info.value.line() and "previous one is intact" in info.value.line()
+    assert str(path) in info.value.line() and "complete on disk, as they were: last.pt" in info.value.line()
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert ckpt.load(path)["global_step"] == 1
@@ -386,3 +389,34 @@ def test_secret_values_never_reach_a_sweep_file_or_the_console(tmp_path: Path) -
             assert value.encode() not in path.read_bytes(), path
     job = OmegaConf.load(sweep_dir / "0" / ".hydra" / "overrides.yaml")
     assert f"+wandb_key={MASK}" in job and "optimizer.lr=0.001" in job
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_says_what_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    """The real CLI in a process whose files may not grow past 400 kB (RLIMIT_FSIZE: a real write failure, EFBIG,
+    without privileges to mount a tiny filesystem): the first checkpoint (~0.8 MB, written in the background at step
+    5) fails, the run stops before the next one is due (step 10) with one line saying none is on disk yet."""
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # the write fails with EFBIG instead of killing the process
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
+            "print_config=false", "logger=csv", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5",
+            "trainer.limit_train_batches=16"]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert proc.stderr.strip().splitlines() == [
+        f"error: could not write the checkpoint (File too large); no checkpoint is on disk in {checkpoints} yet "
+        f"({checkpoints / 'last.pt'}): free disk space or point hydra.run.dir / checkpoint.dirpath at a writable "
+        "place, then resume from last.pt"
+    ]
+    assert not list(checkpoints.iterdir())  # no temp file left either
+    steps = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert 5 <= max(steps) < 10
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"

@@ -65,7 +65,8 @@ TMP_INFIX = ".tmp-"
 def write_atomic(data: bytes, path: Path) -> None:
     """Temp file in the same dir, fsync, rename: `path` is always the old or the new complete file.
 
-    A full disk or an unwritable dir is a `UserError` naming the file; the previous `path` is left as it was.
+    A full disk or an unwritable dir is a `UserError` naming the file and the checkpoints that are complete on disk
+    (the previous `path` is left as it was).
     """
     _replace_atomic(path, lambda tmp: _write_synced(data, tmp))
 
@@ -111,11 +112,22 @@ def _replace_atomic(path: Path, make: Callable[[Path], None]) -> None:
             os.close(dir_fd)
     except OSError as e:
         raise UserError(
-            f"could not write the checkpoint ({e.strerror or type(e).__name__}); the previous one is intact",
+            f"could not write the checkpoint ({e.strerror or type(e).__name__}); {on_disk(path.parent)}",
             str(path),
             "free disk space or point hydra.run.dir / checkpoint.dirpath at a writable place, then resume "
             "from last.pt",
         ) from None
+
+
+def on_disk(dirpath: Path) -> str:
+    """Which checkpoints in `dirpath` are complete (every file there is: they are only ever renamed into place)."""
+    try:
+        names = sorted(p.name for p in dirpath.glob("*.pt") if p.is_file())
+    except OSError:
+        names = []
+    if not names:
+        return f"no checkpoint is on disk in {dirpath} yet"
+    return f"complete on disk, as they were: {', '.join(names)}"
 
 
 def _write_all(state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
@@ -319,6 +331,9 @@ class Checkpointer:
         return model_state(model, self.save_frozen)
 
     def step_due(self, global_step: int) -> bool:
+        """Asked at every optimizer step, so a background write that failed also stops the run at the next step."""
+        if self._pending is not None and self._pending.done():
+            self.wait()  # re-raises its error
         return bool(self.save_last and self.every_n_steps and global_step % self.every_n_steps == 0)
 
     def save_step(self, state: dict[str, Any]) -> None:
