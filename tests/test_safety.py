@@ -397,6 +397,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_says_what
     """The real CLI in a process whose files may not grow past 400 kB (RLIMIT_FSIZE: a real write failure, EFBIG,
     without privileges to mount a tiny filesystem): the first checkpoint (~0.8 MB, written in the background at step
     5) fails, the run stops before the next one is due (step 10) with one line saying none is on disk yet."""
+
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
         signal.signal(
