@@ -485,3 +485,28 @@ def test_sigterm_in_the_middle_of_a_grid_sweep_then_rerun_resumes_it(tmp_path: P
     ]
     assert steps == sorted(set(steps))  # every step once, though job 1 ran in two processes
     assert "2 jobs: 2 success" in rerun.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["sweep=optuna", "+hydra.sweeper.params={model.nope:'choice(1,2)'}"],
+         "error: the search space sweeps model.nope, which this config does not have (model=simple_cnn) "
+         "(hydra.sweeper.params.model.nope): check the name (`python train.py --cfg job` prints the config), add it "
+         "with +model.nope=..., or drop the preset's search space ('~hydra.sweeper.params') and give yours on the "
+         "command line"),
+        (["model.nope=1,2"],
+         "error: the search space sweeps model.nope, which this config does not have (model=simple_cnn) "
+         "(model.nope): check the name (`python train.py --cfg job` prints the config) or add it with "
+         "+model.nope=..."),
+        (["trainer.max_epochs=1,abc"],
+         "error: the search space gives trainer.max_epochs the value 'abc': Value 'abc' of type 'str' could not be "
+         "converted to Integer (trainer.max_epochs): give values of the key's type"),
+    ],
+)  # fmt: skip
+def test_search_space_is_checked_before_the_first_job(
+    overrides: list[str], line: str, tmp_path: Path
+) -> None:
+    proc = multirun(tmp_path, *overrides, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line]
+    assert not list(tmp_path.glob("*/.hydra"))  # no job started

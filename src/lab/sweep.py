@@ -258,6 +258,54 @@ def sweep_record(config: DictConfig) -> dict[str, Any]:
     }
 
 
+def check_search_space(config: DictConfig) -> None:
+    """Before the first job: every swept key exists in the composed config (or is added with `+key=`) and each of
+    its values fits the key's type in the schema (one line, exit 2, else). Keys under a swept config group
+    (`model=mlp,simple_cnn model.width=...`) are left to each job: the master config holds one option only."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lab.errors import UserError
+
+    params = config.hydra.sweeper.get("params") or {}
+    from_params = [f"{key}={value}" for key, value in params.items()]
+    overrides = OverridesParser.create().parse_overrides([*from_params, *config.hydra.overrides.task])
+    groups = set(config.hydra.runtime.choices)
+    swept_groups = {o.key_or_group for o in overrides if o.is_sweep_override() and o.key_or_group in groups}
+    task = copy.deepcopy(config)
+    for override in overrides:
+        key = override.key_or_group
+        if not override.is_sweep_override() or key in groups or override.type != OverrideType.CHANGE:
+            continue  # a group option (Hydra checks it), `+key` (added), `~key`
+        if any(key.startswith(f"{group}.") for group in swept_groups):
+            continue
+        where = f"hydra.sweeper.params.{key}" if key in params else key
+        if OmegaConf.select(task, key, default=_MISSING, throw_on_resolution_failure=False) is _MISSING:
+            UserError(
+                f"the search space sweeps {key}, which this config does not have "
+                f"(model={config.hydra.runtime.choices.get('model')})",
+                where,
+                f"check the name (`python train.py --cfg job` prints the config), add it with +{key}=..., or drop "
+                "the preset's search space ('~hydra.sweeper.params') and give yours on the command line"
+                if where != key
+                else f"check the name (`python train.py --cfg job` prints the config) or add it with +{key}=...",
+            ).exit()  # fmt: skip
+        if override.is_interval_sweep():
+            continue  # numbers by construction: the typed bounds are checked when a job composes its config
+        for value in override.sweep_iterator():
+            try:
+                OmegaConf.update(task, key, value)
+            except OmegaConfBaseException as e:
+                UserError(f"the search space gives {key} the value {value!r}: {str(e).splitlines()[0]}", where,
+                          "give values of the key's type").exit()  # fmt: skip
+
+
+_MISSING = object()
+
+
 def claim_sweep_dir(config: DictConfig) -> None:
     """Write `sweep.json`, or check that the sweep dir holds this very sweep (else one line, exit 2)."""
     from lab.errors import UserError
@@ -315,6 +363,7 @@ class SweepSummary(Callback):
     exits 1 when no job succeeded."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_search_space(config)
         claim_sweep_dir(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
