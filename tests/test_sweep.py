@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lab import sweep_summary
+from lab.errors import UserError
 
 # One epoch of two batches per job, checkpoints and TensorBoard on.
 TINY_JOB = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
@@ -305,7 +306,9 @@ def test_sweep_presets_compose() -> None:
     assert grid.params["optimizer.lr"] == "3e-4,1e-3,3e-3"
     optuna = compose_hydra("sweep=optuna").hydra.sweeper
     assert optuna._target_ == "hydra_plugins.lab_optuna.LabOptunaSweeper"
-    assert optuna.direction == "maximize" and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
+    assert (
+        optuna.direction is None and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
+    )  # follows the metric
     assert optuna.sampler._target_ == "optuna.samplers.TPESampler"
     assert optuna.pruner._target_ == "optuna.pruners.MedianPruner"
     other = compose_hydra("sweep=optuna", "hydra/sweeper/sampler=cmaes", "hydra/sweeper/pruner=hyperband",
@@ -316,8 +319,6 @@ def test_sweep_presets_compose() -> None:
     assert compose_hydra("sweep=optuna", "hydra/sweeper/pruner=none").hydra.sweeper.pruner is None
     assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "dataset.batch_size",
                                   "model.dropout"}  # fmt: skip
-    minimize = compose_hydra("sweep=optuna", "checkpoint.monitor=val/loss", "checkpoint.mode=min")
-    assert minimize.hydra.sweeper.direction == "minimize"
     assert compose_hydra("sweep=grid").hydra.callbacks.sweep_summary._target_ == "lab.sweep.SweepSummary"
 
 
@@ -510,3 +511,44 @@ def test_search_space_is_checked_before_the_first_job(
     proc = multirun(tmp_path, *overrides, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line]
     assert not list(tmp_path.glob("*/.hydra"))  # no job started
+
+
+def test_objective_directions_follow_their_metrics() -> None:
+    from hydra_plugins.lab_optuna import directions
+
+    assert directions(None, None, "val/loss", "min") == ["minimize"]  # the monitor: checkpoint.mode
+    assert directions(None, ["val/loss", "val/acc_top5", "val/mae"], "val/acc", "max") == [
+        "minimize", "maximize", "minimize"]  # fmt: skip
+    assert directions(["maximize", "minimize"], ["val/acc", "val/loss"], "val/acc", "max") == [
+        "maximize",
+        "minimize",
+    ]
+    with pytest.raises(UserError, match=r"cannot tell whether val/foo should be maximized or minimized"):
+        directions(None, ["val/foo"], "val/acc", "max")
+    with pytest.raises(
+        UserError, match=r"the objective val/loss would be maximized, but better is minimized"
+    ):
+        directions("maximize", ["val/loss"], "val/acc", "max")
+    assert directions("minimize", ["val/foo"], "val/acc", "max") == ["minimize"]
+
+
+def test_optuna_objective_loss_is_minimised_and_every_record_names_the_same_best_trial(
+    tmp_path: Path,
+) -> None:
+    """`objectives=[val/loss]` without a direction minimises; the study, optimization_results.yaml and the summary
+    name one best trial; with two validations an epoch every value reaches the pruner at its own step."""
+    import optuna
+
+    proc = multirun(tmp_path, "sweep=optuna", "logger=none", "checkpoint=none", "hydra.sweeper.n_trials=3",
+             "hydra.sweeper.objectives=[val/loss]", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+             "trainer.val_check_interval=0.5", "task_name=loss")  # fmt: skip
+    study = optuna.load_study(study_name="loss", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert study.direction.name == "MINIMIZE"
+    best = study.best_trial
+    assert best.value == min(t.value for t in study.trials if t.state.name == "COMPLETE")
+    assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == best.value
+    assert read_csv(tmp_path)[0]["job"] == str(best.number)
+    assert f"best: job {best.number}  objective={best.value:.4f}" in proc.stdout
+    assert "sorted by the Optuna study's objective" in (tmp_path / "summary.md").read_text()
+    for trial in study.trials:  # 2 epochs x 2 validations: steps 1..4
+        assert sorted(trial.intermediate_values) == [1, 2, 3, 4], trial.number

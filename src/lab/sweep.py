@@ -51,6 +51,9 @@ class Job:
     trial_state: str | None = (
         None  # COMPLETE, PRUNED, FAIL, RUNNING: the job's trial in the sweep's Optuna study
     )
+    objective: float | None = (
+        None  # the value of its COMPLETE trial in a single-objective study: what ranks it
+    )
 
     @property
     def ok(self) -> bool:
@@ -102,33 +105,47 @@ def _select(config: DictConfig | None, key: str) -> str | None:
 
 
 def collect(sweep_dir: Path) -> list[Job]:
-    """Every job dir (a sub-folder with `.hydra/overrides.yaml`), best first; failed and unfinished ones last."""
+    """Every job dir (a sub-folder with `.hydra/overrides.yaml`), best first; failed and unfinished ones last.
+
+    With a single-objective Optuna study in the sweep dir, "best" is the study's: its objective and direction
+    rank the jobs, so the summary names the trial that the study and optimization_results.yaml name.
+    """
     runs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
     jobs = [read_job(run) for run in runs]
-    states = trial_states(sweep_dir, jobs)
+    study = load_study(sweep_dir, jobs)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)} if study is not None else {}
+    ranked_by_study = study is not None and len(study.directions) == 1
     for job in jobs:
-        job.trial_state = states.get(job.num) if states else None
-    sign = -1.0 if sweep_mode(jobs) == "max" else 1.0
+        trial = trials.get(job.num)
+        job.trial_state = trial.state.name if trial is not None else None
+        if ranked_by_study and job.trial_state == "COMPLETE":
+            job.objective = trial.value
     by_num = sorted(
         jobs, key=lambda j: (isinstance(j.num, str), j.num if isinstance(j.num, int) else 0, j.num)
     )
     # sorted() is stable: equal values and the failed jobs keep the job order.
+    if ranked_by_study:
+        sign = -1.0 if study.direction.name == "MAXIMIZE" else 1.0
+        return sorted(
+            by_num, key=lambda j: (0, sign * j.objective) if j.ok and j.objective is not None else (1, 0.0)
+        )
+    sign = -1.0 if sweep_mode(jobs) == "max" else 1.0
     return sorted(by_num, key=lambda j: (0, sign * j.best) if j.ok else (1, 0.0))
 
 
-def trial_states(sweep_dir: Path, jobs: list[Job]) -> dict[int | str, str]:
-    """Trial number → state, from the Optuna study in the sweep dir (optuna.db or optuna.journal); {} if none.
+def load_study(sweep_dir: Path, jobs: list[Job]) -> Any:
+    """The Optuna study in the sweep dir (optuna.db or optuna.journal), or None.
 
     A storage holding several studies: the one named after the jobs' task_name (the sweeper's default name).
     """
     db, journal = sweep_dir / "optuna.db", sweep_dir / "optuna.journal"
     if not (db.is_file() or journal.is_file()):
-        return {}
+        return None
     try:
         import optuna
         from optuna.storages.journal import JournalFileBackend
     except ImportError:
-        return {}
+        return None
     if db.is_file():
         storage = optuna.storages.RDBStorage(
             f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}}
@@ -141,9 +158,8 @@ def trial_states(sweep_dir: Path, jobs: list[Job]) -> dict[int | str, str]:
         task = next((_select(OmegaConf.load(p), "task_name") for p in configs if p.is_file()), None)
         names = [n for n in names if n == task]
     if len(names) != 1:
-        return {}
-    study = optuna.load_study(study_name=names[0], storage=storage)
-    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        return None
+    return optuna.load_study(study_name=names[0], storage=storage)
 
 
 def command_line(job: Job) -> str:
@@ -195,7 +211,7 @@ def write_summary(sweep_dir: Path) -> list[Job]:
     lines = [
         f"# Sweep {sweep_dir.name}",
         "",
-        f"{counts(jobs)}; sorted by `{monitor}` ({sweep_mode(jobs)}), best first.",
+        f"{counts(jobs)}; sorted by {ranking(jobs, monitor)}, best first.",
         "",
         *([f"Overrides common to all jobs: `{' '.join(common)}`", ""] if common else []),
         *([f"Best job again as a single run: `{command_line(best)}`", ""] if (best := _best(jobs)) else []),
@@ -205,6 +221,12 @@ def write_summary(sweep_dir: Path) -> list[Job]:
     ]
     write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return jobs
+
+
+def ranking(jobs: list[Job], monitor: str) -> str:
+    if any(j.objective is not None for j in jobs):
+        return "the Optuna study's objective (the value each COMPLETE trial was told)"
+    return f"`{monitor}` ({sweep_mode(jobs)})"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -224,6 +246,8 @@ def counts(jobs: list[Job]) -> str:
 
 
 def _best(jobs: list[Job]) -> Job | None:
+    if any(j.objective is not None for j in jobs):  # the study's best trial
+        return next((j for j in jobs if j.ok and j.objective is not None), None)
     return next((j for j in jobs if j.ok), None)
 
 
@@ -235,8 +259,9 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
         lines.append("no job succeeded")
     else:
         test = f"  test={best.test:.4f}" if best.test is not None else ""
+        objective = f"  objective={best.objective:.4f}" if best.objective is not None else ""
         lines += [
-            f"best: job {best.num}  {best.monitor}={best.best:.4f}{test}",
+            f"best: job {best.num}{objective}  {best.monitor}={best.best:.4f}{test}",
             f"  overrides: {' '.join(best.overrides)}",
             f"  checkpoint: {best.checkpoint or '(none saved)'}",
             f"  run it again: {command_line(best)}",
