@@ -12,6 +12,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -355,12 +356,30 @@ def test_signal_during_validation_completes_the_epoch_then_saves(tmp_path: Path)
     assert state["monitor"]["best"] is not None and (tmp_path / "ckpt" / "best.pt").is_file()
 
 
-def test_a_second_signal_quits_at_once(tmp_path: Path) -> None:
-    trainer = interrupted_trainer(tmp_path, SignallingLoader(batches(5), at=1, signals=[signal.SIGINT] * 2),
-                                  ListLoader(batches(1)))  # fmt: skip
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    assert not (tmp_path / "ckpt" / "last.pt").exists()  # no half-finished step was saved
+def test_a_second_signal_quits_at_once_without_a_traceback(tmp_path: Path) -> None:
+    """The real CLI: two Ctrl-C (SIGINT; SIGTERM takes the same path) in a row, the second while the first is still stopping the run (the step, last.pt,
+    closing the loggers): the process ends at once with one line, no traceback, 128 + the signal number."""
+    signame, signum = "SIGINT", signal.SIGINT
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
+            "print_config=false", "logger=many", "logger.wandb.mode=offline", "trainer.max_epochs=200",
+            "checkpoint.every_n_steps=2"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    time.sleep(0.05)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert (
+        stderr.strip().splitlines()[-1]
+        == f"{signame} again: quitting at once; the checkpoints on disk are complete"
+    )
+    ckpt.load(run_dir / "checkpoints" / "last.pt")  # complete
 
 
 def test_secret_values_never_reach_a_sweep_file_or_the_console(tmp_path: Path) -> None:

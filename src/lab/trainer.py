@@ -34,6 +34,7 @@ from lab import checkpoint as ckpt
 from lab.data.augment import AugmentedLoader
 from lab.metrics import Metrics
 from lab.optim import Schedulers
+from lab.runtime import quit_now
 from lab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class Trainer:
 
         def handler(signum: int, frame: Any) -> None:
             if self.stop_signal is not None:
-                raise KeyboardInterrupt
+                quit_now(signum)
             self.stop_signal = signum
             log.warning(
                 "%s received: stopping after this step (again to quit now)", signal.Signals(signum).name
@@ -240,8 +241,8 @@ class Trainer:
         try:
             yield
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+            for s, h in previous.items():  # after a stop signal, one more ends the process at once (quit_now)
+                signal.signal(s, h if self.stop_signal is None else quit_now)
 
     # ---------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
