@@ -314,3 +314,37 @@ def test_one_process_per_run_folder_and_resume_auto_continues_that_folder(tmp_pa
     for tag in ("train/loss", "lr"):
         logged = [e.step for e in events.Scalars(tag)]
         assert logged == sorted(set(logged)) and step in logged, tag
+
+
+def test_resumed_into_a_new_folder_reports_what_the_uninterrupted_run_reports(tmp_path: Path) -> None:
+    """Killed (-9) after its best epoch and resumed with ckpt_path into a new run folder, a run evaluates, reports
+    and would export the same best weights as the uninterrupted run: the earlier best.pt is carried over.
+    `checkpoint.mode=min` on val/acc makes an early epoch the best one, so the last weights differ from it."""
+    args = [*ARGS, "checkpoint.mode=min"]
+    reference = tmp_path / "reference"
+    train(reference, *args)
+    best_epoch = ckpt.load(reference / "checkpoints" / "best.pt")["epoch"]
+    assert best_epoch < ckpt.load(reference / "checkpoints" / "last.pt")["epoch"]
+
+    killed = tmp_path / "killed"
+    best, last = killed / "checkpoints" / "best.pt", killed / "checkpoints" / "last.pt"
+    proc = popen_train(killed, *args)
+    wait_for_new_file(proc, best, None)
+    wait_for_new_file(proc, last, file_id(last))  # a checkpoint after the best epoch's
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert ckpt.load(last)["epoch"] >= best_epoch
+
+    resumed = tmp_path / "resumed"
+    train(resumed, *args, f"ckpt_path={last}")
+    assert (
+        f"resume: carried {best} over to {resumed / 'checkpoints' / 'best.pt'}"
+        in (resumed / "train.log").read_text()
+    )
+    assert_same_state(
+        ckpt.load(resumed / "checkpoints" / "best.pt"), ckpt.load(reference / "checkpoints" / "best.pt")
+    )
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (resumed, reference))
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "best", "epochs", "global_step"):
+        assert ours[key] == theirs[key], key

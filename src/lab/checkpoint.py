@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -144,6 +145,32 @@ def remove_stale_temp_files(dirpath: Path) -> None:
     for tmp in dirpath.glob(f".*.pt{TMP_INFIX}*"):
         if not tmp.name.endswith(f"{TMP_INFIX}{os.getpid()}"):
             tmp.unlink(missing_ok=True)
+
+
+def carry_best_over(resume_from: Path, dirpath: Path) -> Path | None:
+    """A run resumed into a new folder takes the interrupted run's `best.pt` along (a hard link, or a copy), so its
+    final evaluation, metrics.json and export are of the same best weights as without the interruption.
+
+    Only the `best.pt` beside the resumed checkpoint, and only when it holds the best value that checkpoint
+    remembers (the same run); an existing `best.pt` in `dirpath` is left alone. Returns the new file, if any.
+    """
+    source, target = resume_from.parent / "best.pt", dirpath / "best.pt"
+    if not source.is_file() or target.exists() or source.resolve() == target.resolve():
+        return None
+    try:  # mmap: only the small entries are read, not the weights
+        monitors = [torch.load(p, mmap=True, weights_only=True).get("monitor") for p in (resume_from, source)]
+    except Exception:  # an unreadable file is reported, with its name, when the run loads it
+        return None
+    if monitors[0] is None or monitors[0] != monitors[1]:
+        return None
+    def link_or_copy(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or none with hard links
+            shutil.copyfile(source, tmp)
+
+    _replace_atomic(target, link_or_copy)
+    return target
 
 
 def find_last(log_dir: str | Path, task_name: str) -> Path | None:

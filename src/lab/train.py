@@ -145,6 +145,19 @@ def resolve_resume(cfg: DictConfig) -> None:
             cfg.ckpt_path = str(found)
 
 
+def carry_best_over(cfg: DictConfig) -> None:
+    """Resuming training into a new run folder: the interrupted run's best.pt comes along (lab.checkpoint)."""
+    from lab import checkpoint as ckpt
+
+    dirpath = OmegaConf.select(cfg, "checkpoint.dirpath", default=None)
+    if not (cfg.train and cfg.get("ckpt_path") and dirpath and cfg.checkpoint.save_top_k > 0):
+        return
+    carried = ckpt.carry_best_over(Path(cfg.ckpt_path), Path(dirpath))
+    if carried is not None:
+        log.info("resume: carried %s over to %s (the best weights so far)", Path(cfg.ckpt_path).parent / "best.pt",
+                 carried)  # fmt: skip
+
+
 def _run_dir_given() -> bool:
     """`hydra.run.dir=...` on the command line: the run continues in that folder."""
     from hydra.core.hydra_config import HydraConfig
@@ -179,6 +192,7 @@ def run(cfg: DictConfig) -> float:
     try:
         resolve_resume(cfg)
         validate(cfg)
+        carry_best_over(cfg)
         job = build(cfg)
         ddp, success = job.ddp, False
         try:
