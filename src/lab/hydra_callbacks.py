@@ -41,6 +41,8 @@ class LockRunDir(Callback):
             run_lock.acquire(str(OmegaConf.select(config, "hydra.run.dir")))
         except UserError as e:
             e.exit()
+        except OSError:  # a folder that cannot be made: the run fails on it with its own one-line error
+            return
 
 
 class RedactSecrets(Callback):
