@@ -163,6 +163,7 @@ def carry_best_over(resume_from: Path, dirpath: Path) -> Path | None:
         return None
     if monitors[0] is None or monitors[0] != monitors[1]:
         return None
+
     def link_or_copy(tmp: Path) -> None:
         try:
             os.link(source, tmp)
