@@ -261,8 +261,90 @@ def test_resume_auto_picks_the_newest_last_pt_of_the_task(tmp_path: Path) -> Non
     os.utime(old / "checkpoints" / "last.pt")
     train(None, *common, "resume=auto", "trainer.max_epochs=2", env=cli_env(LAB_RUN_ID="second"))
     new = next(p for p in (log_dir / "job" / "runs").iterdir() if p != old)
-    assert f"resume=auto: resuming from {old / 'checkpoints' / 'last.pt'}" in (new / "train.log").read_text()
+    assert (
+        f"resume=auto: resuming from {old / 'checkpoints' / 'last.pt'}, the newest"
+        in (new / "train.log").read_text()
+    )
     assert ckpt.load(new / "checkpoints" / "last.pt")["epoch"] == 2
     assert {
         p: p.read_bytes() for p in old.rglob("*") if p.is_file()
     } == before  # the old run dir is untouched
+
+
+def test_one_process_per_run_folder_and_resume_auto_continues_that_folder(tmp_path: Path) -> None:
+    """The real CLI: while run A trains, a second `resume=auto hydra.run.dir=A` stops at once with one line naming
+    the running pid and changes nothing in A. After A is killed (-9, the OS drops its lock) and a newer run B
+    exists, `resume=auto hydra.run.dir=A` continues A from A's own last.pt, not B's, and every logger holds each
+    step once, the values at the resume step included (TensorBoard read back)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "outputs" / "train" / "runs"
+    a, b = runs / "a", runs / "b"
+    common = [f"paths.log_dir={tmp_path / 'outputs'}", "trainer.log_every_n_steps=1", "logger=many",
+              "logger.wandb.mode=offline"]  # fmt: skip
+    proc = popen_train(a, *common, "trainer.max_epochs=200", "checkpoint.every_n_steps=5")
+    wait_for_new_file(proc, a / "checkpoints" / "last.pt", None)
+    assert proc.poll() is None, proc.communicate()
+    hydra_files = {p: p.read_bytes() for p in (a / ".hydra").iterdir()}
+    started = time.monotonic()
+    second = train(a, *common, "resume=auto", check=False)
+    assert second.returncode == 2 and time.monotonic() - started < 30
+    assert second.stderr.strip().splitlines() == [
+        f"error: another process (pid {proc.pid} on {os.uname().nodename}) is running in this run folder ({a}): "
+        "wait for it to end or stop it, or give this run another hydra.run.dir"
+    ]
+    assert {p: p.read_bytes() for p in (a / ".hydra").iterdir()} == hydra_files
+    proc.kill()
+    proc.communicate(timeout=60)
+    step = ckpt.load(a / "checkpoints" / "last.pt")["global_step"]
+    train(b, *common, "debug=fast", "checkpoint=default", "trainer.max_epochs=1")  # newer, another run
+
+    resumed = train(
+        a,
+        *common,
+        "resume=auto",
+        f"trainer.max_epochs={ckpt.load(a / 'checkpoints' / 'last.pt')['epoch'] + 1}",
+    )
+    last = a / "checkpoints" / "last.pt"
+    assert f"resume=auto: continuing this run folder from its own {last}" in (a / "train.log").read_text()
+    assert resumed.returncode == 0 and str(b) not in (a / "train.log").read_text()
+    steps = [int(row["step"]) for row in csv_rows(a / "metrics.csv")]
+    assert steps == sorted(set(steps)) and step in steps
+    events = EventAccumulator(str(a / "tensorboard")).Reload()
+    for tag in ("train/loss", "lr"):
+        logged = [e.step for e in events.Scalars(tag)]
+        assert logged == sorted(set(logged)) and step in logged, tag
+
+
+def test_resumed_into_a_new_folder_reports_what_the_uninterrupted_run_reports(tmp_path: Path) -> None:
+    """Killed (-9) after its best epoch and resumed with ckpt_path into a new run folder, a run evaluates, reports
+    and would export the same best weights as the uninterrupted run: the earlier best.pt is carried over.
+    `checkpoint.mode=min` on val/acc makes an early epoch the best one, so the last weights differ from it."""
+    args = [*ARGS, "checkpoint.mode=min"]
+    reference = tmp_path / "reference"
+    train(reference, *args)
+    best_epoch = ckpt.load(reference / "checkpoints" / "best.pt")["epoch"]
+    assert best_epoch < ckpt.load(reference / "checkpoints" / "last.pt")["epoch"]
+
+    killed = tmp_path / "killed"
+    best, last = killed / "checkpoints" / "best.pt", killed / "checkpoints" / "last.pt"
+    proc = popen_train(killed, *args)
+    wait_for_new_file(proc, best, None)
+    wait_for_new_file(proc, last, file_id(last))  # a checkpoint after the best epoch's
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert ckpt.load(last)["epoch"] >= best_epoch
+
+    resumed = tmp_path / "resumed"
+    train(resumed, *args, f"ckpt_path={last}")
+    assert (
+        f"resume: carried {best} over to {resumed / 'checkpoints' / 'best.pt'}"
+        in (resumed / "train.log").read_text()
+    )
+    assert_same_state(
+        ckpt.load(resumed / "checkpoints" / "best.pt"), ckpt.load(reference / "checkpoints" / "best.pt")
+    )
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (resumed, reference))
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "best", "epochs", "global_step"):
+        assert ours[key] == theirs[key], key

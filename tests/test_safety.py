@@ -8,13 +8,18 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, compose_config, train
+from conftest import ROOT, TINY, cli_env, compose_config, in_process, train
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from lab import checkpoint as ckpt
@@ -70,7 +75,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(UserError, match="No space left on device") as info:
         ckpt.write_atomic(ckpt.serialize(plain_state(2)), path)
-    assert str(path) in info.value.line() and "previous one is intact" in info.value.line()
+    assert str(path) in info.value.line() and "complete on disk, as they were: last.pt" in info.value.line()
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert ckpt.load(path)["global_step"] == 1
@@ -251,10 +256,10 @@ def test_redaction_helpers(tmp_path: Path) -> None:
                               "token_budget_none": None}  # fmt: skip
     assert redact_override("+logger.wandb.api_key=k-123456") == f"+logger.wandb.api_key={MASK}"
     assert redact_override("optimizer.lr=0.1") == "optimizer.lr=0.1"
-    assert [
-        is_secret(k) for k in ("hf_token", "WANDB_API_KEY", "client_secret", "db.password", "apikey")
-    ] == [True] * 5
-    assert [is_secret(k) for k in ("tokenizer", "max_tokens", "secretary_count", "keyboard")] == [False] * 4
+    # The broad name pattern: key, token, secret, passw, credential, auth anywhere in the name.
+    names = ("hf_token", "WANDB_API_KEY", "client_secret", "db.password", "apikey", "wandb_key", "AUTH")
+    assert [is_secret(k) for k in names] == [True] * 7
+    assert [is_secret(k) for k in ("optimizer.lr", "model.width", "db_dsn")] == [False] * 3
     hydra_dir = tmp_path / ".hydra"
     hydra_dir.mkdir()
     (hydra_dir / "config.yaml").write_text("logger:\n  wandb:\n    api_key: k-123456\n    project: p\n")
@@ -361,9 +366,87 @@ def test_signal_during_validation_completes_the_epoch_then_saves(tmp_path: Path)
     assert state["monitor"]["best"] is not None and (tmp_path / "ckpt" / "best.pt").is_file()
 
 
-def test_a_second_signal_quits_at_once(tmp_path: Path) -> None:
-    trainer = interrupted_trainer(tmp_path, SignallingLoader(batches(5), at=1, signals=[signal.SIGINT] * 2),
-                                  ListLoader(batches(1)))  # fmt: skip
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    assert not (tmp_path / "ckpt" / "last.pt").exists()  # no half-finished step was saved
+def test_a_second_signal_quits_at_once_without_a_traceback(tmp_path: Path) -> None:
+    """The real CLI: two Ctrl-C (SIGINT; SIGTERM takes the same path) in a row, the second while the first is still stopping the run (the step, last.pt,
+    closing the loggers): the process ends at once with one line, no traceback, 128 + the signal number."""
+    signame, signum = "SIGINT", signal.SIGINT
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
+            "print_config=false", "logger=many", "logger.wandb.mode=offline", "trainer.max_epochs=200",
+            "checkpoint.every_n_steps=2"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    time.sleep(0.05)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert (
+        stderr.strip().splitlines()[-1]
+        == f"{signame} again: quitting at once; the checkpoints on disk are complete"
+    )
+    ckpt.load(run_dir / "checkpoints" / "last.pt")  # complete
+
+
+def test_secret_values_never_reach_a_sweep_file_or_the_console(tmp_path: Path) -> None:
+    """Secrets by value: an override whose name only contains `key`, a `token`, an environment variable named
+    `*auth*` that reaches the config through `${oc.env:...}` under a plain name, and a name listed in
+    LAB_SECRETS; every byte of the sweep (multirun.yaml, each job's .hydra/, run_info.json, checkpoints,
+    TensorBoard, CSV, W&B offline files) and the console are searched for each value."""
+    secrets = {"wandb_key": "wk-0123456789ab", "hf_token": "hf-abcdef012345", "env": "env-auth-55667788",
+               "listed": "dsn-postgres-998877"}  # fmt: skip
+    env = cli_env(MY_SERVICE_AUTH=secrets["env"], LAB_SECRETS="db_dsn")
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *TINY, "trainer.max_epochs=1", "logger=many",
+            "print_config=true", "trainer.progress_bar=false", f"+wandb_key={secrets['wandb_key']}",
+            f"+dataset.hf_token={secrets['hf_token']}", "+dataset.endpoint=${oc.env:MY_SERVICE_AUTH}",
+            f"+db_dsn={secrets['listed']}", "optimizer.lr=1e-3,1e-2"]  # fmt: skip
+    proc = in_process("train.py", args, check=True, env=env)
+    assert "#0 : " in proc.stdout + proc.stderr and MASK in proc.stdout + proc.stderr
+    files = [p for p in sweep_dir.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"multirun.yaml", "overrides.yaml", "run_info.json", "last.pt", "metrics.csv"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert any(n.endswith(".wandb") for n in names)
+    for value in secrets.values():
+        assert value not in proc.stdout and value not in proc.stderr
+        for path in files:
+            assert value.encode() not in path.read_bytes(), path
+    job = OmegaConf.load(sweep_dir / "0" / ".hydra" / "overrides.yaml")
+    assert f"+wandb_key={MASK}" in job and "optimizer.lr=0.001" in job
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_says_what_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    """The real CLI in a process whose files may not grow past 400 kB (RLIMIT_FSIZE: a real write failure, EFBIG,
+    without privileges to mount a tiny filesystem): the first checkpoint (~0.8 MB, written in the background at step
+    5) fails, the run stops before the next one is due (step 10) with one line saying none is on disk yet."""
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # the write fails with EFBIG instead of killing the process
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
+            "print_config=false", "logger=csv", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5",
+            "trainer.limit_train_batches=16"]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert proc.stderr.strip().splitlines() == [
+        f"error: could not write the checkpoint (File too large); no checkpoint is on disk in {checkpoints} yet "
+        f"({checkpoints / 'last.pt'}): free disk space or point hydra.run.dir / checkpoint.dirpath at a writable "
+        "place, then resume from last.pt"
+    ]
+    assert not list(checkpoints.iterdir())  # no temp file left either
+    steps = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert 5 <= max(steps) < 10
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"

@@ -9,9 +9,13 @@ import csv
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lab import sweep_summary
+from lab.errors import UserError
 
 # One epoch of two batches per job, checkpoints and TensorBoard on.
 TINY_JOB = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
@@ -50,6 +55,24 @@ def read_csv(sweep_dir: Path) -> list[dict[str, str]]:
 
 def metrics_of(row: dict[str, str]) -> dict:
     return json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
+
+
+def kill_when(path: Path, send: Callable[[], None], timeout: float = 120) -> threading.Thread:
+    """A thread that calls `send` (a SIGTERM) as soon as `path` exists: the middle of a given job."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        send()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+# Jobs long enough to be stopped in the middle, with last.pt after every step.
+RESUMABLE_JOB = ["trainer.max_epochs=3", "checkpoint.every_n_steps=1", "logger=csv"]
 
 
 @pytest.fixture(scope="module")
@@ -213,16 +236,33 @@ def test_optuna_study_in_sqlite_resumes(tmp_path: Path) -> None:
         trial = study.trials[int(row["job"])]
         assert trial.value == float(row["val/acc"]) == metrics_of(row)["best"]
         assert f"optimizer.lr={trial.params['optimizer.lr']}" in row["overrides"]
+
+
+def test_optuna_sweep_interrupted_by_sigterm_continues_its_trial_from_its_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM while trial 1 trains leaves it RUNNING with its last.pt; the same sweep again (more trials) runs
+    trial 1 again as job 1, which continues from its own last.pt, then asks trial 2; trial 0 is untouched."""
+    optuna_args = ["sweep=optuna", "task_name=study", *RESUMABLE_JOB]
+    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM outside the training loop"))
+    try:
+        kill_when(tmp_path / "1" / "checkpoints" / "last.pt", lambda: os.kill(os.getpid(), signal.SIGTERM))
+        proc = multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=2", check=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "RUNNING")]
     first_job = (tmp_path / "0" / "metrics.json").read_text()
 
-    # An interrupted sweep leaves its current trial RUNNING (here: asked, never told).
-    study.ask()
-    proc = multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=4")
-    assert "trial 2 was left running" in proc.stdout
-    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "COMPLETE")]
-    assert (tmp_path / "3" / "metrics.json").is_file()
+    proc = multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=3")
+    assert (
+        "trial 1 was left running by an interrupted sweep: its job continues from its last.pt" in proc.stdout
+    )
+    assert "sweep job 1: resuming from its own" in (tmp_path / "1" / "train.log").read_text()
+    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
     assert (tmp_path / "0" / "metrics.json").read_text() == first_job  # old trials' dirs untouched
-    assert sorted(r["job"] for r in read_csv(tmp_path)) == ["0", "1", "3"]
+    rows = read_csv(tmp_path)
+    assert sorted(r["job"] for r in rows) == ["0", "1", "2"] and all(
+        metrics_of(r)["epochs"] == 3 for r in rows
+    )
 
 
 def test_optuna_failed_trials_and_exit_code(tmp_path: Path) -> None:
@@ -266,7 +306,9 @@ def test_sweep_presets_compose() -> None:
     assert grid.params["optimizer.lr"] == "3e-4,1e-3,3e-3"
     optuna = compose_hydra("sweep=optuna").hydra.sweeper
     assert optuna._target_ == "hydra_plugins.lab_optuna.LabOptunaSweeper"
-    assert optuna.direction == "maximize" and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
+    assert (
+        optuna.direction is None and optuna.storage == "sqlite:////tmp/sweep/optuna.db"
+    )  # follows the metric
     assert optuna.sampler._target_ == "optuna.samplers.TPESampler"
     assert optuna.pruner._target_ == "optuna.pruners.MedianPruner"
     other = compose_hydra("sweep=optuna", "hydra/sweeper/sampler=cmaes", "hydra/sweeper/pruner=hyperband",
@@ -277,8 +319,6 @@ def test_sweep_presets_compose() -> None:
     assert compose_hydra("sweep=optuna", "hydra/sweeper/pruner=none").hydra.sweeper.pruner is None
     assert set(optuna.params) == {"optimizer", "optimizer.lr", "optimizer.weight_decay", "dataset.batch_size",
                                   "model.dropout"}  # fmt: skip
-    minimize = compose_hydra("sweep=optuna", "checkpoint.monitor=val/loss", "checkpoint.mode=min")
-    assert minimize.hydra.sweeper.direction == "minimize"
     assert compose_hydra("sweep=grid").hydra.callbacks.sweep_summary._target_ == "lab.sweep.SweepSummary"
 
 
@@ -383,3 +423,132 @@ def test_optuna_config_errors_are_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: Optuna prunes single-objective studies only (hydra.sweeper.pruner)" in proc.stderr
     assert not list(tmp_path.glob("*/0"))  # no job started
+
+
+def test_rerun_sweep_skips_finished_jobs_reruns_failed_ones_and_refuses_another_sweep(tmp_path: Path) -> None:
+    """A job's result is only what this job wrote: re-running the same sweep keeps the finished job as it was,
+    runs the failed one again (its earlier attempt moved aside), and a different sweep in the folder is refused."""
+    sweep = ("optimizer.lr=1e-3,-1", "logger=csv")
+    multirun(tmp_path, *sweep)
+    done = tmp_path / "0" / "metrics.json"
+    before = (
+        done.read_bytes(),
+        done.stat().st_mtime_ns,
+        (tmp_path / "0" / "checkpoints" / "last.pt").read_bytes(),
+    )
+    proc = multirun(tmp_path, *sweep)
+    after = (
+        done.read_bytes(),
+        done.stat().st_mtime_ns,
+        (tmp_path / "0" / "checkpoints" / "last.pt").read_bytes(),
+    )
+    assert after == before  # not trained again
+    assert (
+        "sweep job 0: success in an earlier run of this sweep" in (tmp_path / "0" / "train.log").read_text()
+    )
+    failed = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and (tmp_path / "1" / "failed-attempt-1" / "metrics.json").is_file()
+    assert "1 success, 1 failed" in (tmp_path / "summary.md").read_text() and "best: job 0" in proc.stdout
+
+    proc = multirun(tmp_path, "optimizer.lr=-1,1e-4", "logger=csv", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "2").exists()
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: the sweep dir holds the jobs of another sweep (trainer.progress_bar=false")
+    )
+    assert json.loads(done.read_text()) == json.loads(before[0])
+
+
+def test_sigterm_in_the_middle_of_a_grid_sweep_then_rerun_resumes_it(tmp_path: Path) -> None:
+    """The real CLI, SIGTERM while job 1 trains: exit 143, job 1 keeps its last.pt; the same command again skips
+    job 0, resumes job 1 from its own last.pt, and the summary counts these two jobs."""
+    args = ["-m", "trainer.progress_bar=false", "print_config=false", f"hydra.sweep.dir={tmp_path}", *TINY_JOB,
+            *RESUMABLE_JOB, "optimizer.lr=1e-3,1e-2"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    kill_when(tmp_path / "1" / "checkpoints" / "last.pt", lambda: proc.send_signal(signal.SIGTERM))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out
+    assert not (tmp_path / "1" / "metrics.json").exists()
+    first = json.loads((tmp_path / "0" / "metrics.json").read_text())
+
+    rerun = in_process("train.py", args, check=True)
+    assert json.loads((tmp_path / "0" / "metrics.json").read_text()) == first
+    log = (tmp_path / "1" / "train.log").read_text()
+    assert f"sweep job 1: resuming from its own {tmp_path / '1' / 'checkpoints' / 'last.pt'}" in log
+    assert "resumed from" in log
+    rows = read_csv(tmp_path)
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"success"}
+    assert all(metrics_of(r)["epochs"] == 3 for r in rows)
+    steps = [
+        int(line.split(",")[0]) for line in (tmp_path / "1" / "metrics.csv").read_text().splitlines()[1:]
+    ]
+    assert steps == sorted(set(steps))  # every step once, though job 1 ran in two processes
+    assert "2 jobs: 2 success" in rerun.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["sweep=optuna", "+hydra.sweeper.params={model.nope:'choice(1,2)'}"],
+         "error: the search space sweeps model.nope, which this config does not have (model=simple_cnn) "
+         "(hydra.sweeper.params.model.nope): check the name (`python train.py --cfg job` prints the config), add it "
+         "with +model.nope=..., or drop the preset's search space ('~hydra.sweeper.params') and give yours on the "
+         "command line"),
+        (["model.nope=1,2"],
+         "error: the search space sweeps model.nope, which this config does not have (model=simple_cnn) "
+         "(model.nope): check the name (`python train.py --cfg job` prints the config) or add it with "
+         "+model.nope=..."),
+        (["trainer.max_epochs=1,abc"],
+         "error: the search space gives trainer.max_epochs the value 'abc': Value 'abc' of type 'str' could not be "
+         "converted to Integer (trainer.max_epochs): give values of the key's type"),
+    ],
+)  # fmt: skip
+def test_search_space_is_checked_before_the_first_job(
+    overrides: list[str], line: str, tmp_path: Path
+) -> None:
+    proc = multirun(tmp_path, *overrides, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line]
+    assert not list(tmp_path.glob("*/.hydra"))  # no job started
+
+
+def test_objective_directions_follow_their_metrics() -> None:
+    from hydra_plugins.lab_optuna import directions
+
+    assert directions(None, None, "val/loss", "min") == ["minimize"]  # the monitor: checkpoint.mode
+    assert directions(None, ["val/loss", "val/acc_top5", "val/mae"], "val/acc", "max") == [
+        "minimize", "maximize", "minimize"]  # fmt: skip
+    assert directions(["maximize", "minimize"], ["val/acc", "val/loss"], "val/acc", "max") == [
+        "maximize",
+        "minimize",
+    ]
+    with pytest.raises(UserError, match=r"cannot tell whether val/foo should be maximized or minimized"):
+        directions(None, ["val/foo"], "val/acc", "max")
+    with pytest.raises(
+        UserError, match=r"the objective val/loss would be maximized, but better is minimized"
+    ):
+        directions("maximize", ["val/loss"], "val/acc", "max")
+    assert directions("minimize", ["val/foo"], "val/acc", "max") == ["minimize"]
+
+
+def test_optuna_objective_loss_is_minimised_and_every_record_names_the_same_best_trial(
+    tmp_path: Path,
+) -> None:
+    """`objectives=[val/loss]` without a direction minimises; the study, optimization_results.yaml and the summary
+    name one best trial; with two validations an epoch every value reaches the pruner at its own step."""
+    import optuna
+
+    proc = multirun(tmp_path, "sweep=optuna", "logger=none", "checkpoint=none", "hydra.sweeper.n_trials=3",
+             "hydra.sweeper.objectives=[val/loss]", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+             "trainer.val_check_interval=0.5", "task_name=loss")  # fmt: skip
+    study = optuna.load_study(study_name="loss", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert study.direction.name == "MINIMIZE"
+    best = study.best_trial
+    assert best.value == min(t.value for t in study.trials if t.state.name == "COMPLETE")
+    assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == best.value
+    assert read_csv(tmp_path)[0]["job"] == str(best.number)
+    assert f"best: job {best.number}  objective={best.value:.4f}" in proc.stdout
+    assert "sorted by the Optuna study's objective" in (tmp_path / "summary.md").read_text()
+    for trial in study.trials:  # 2 epochs x 2 validations: steps 1..4
+        assert sorted(trial.intermediate_values) == [1, 2, 3, 4], trial.number

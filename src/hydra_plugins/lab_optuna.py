@@ -6,12 +6,15 @@ Config: `conf/hydra/sweeper/lab_optuna.yaml` and its `sampler/`, `pruner/`, `sto
   `params` and the command line; a plain value on the command line fixes a parameter;
 - job N is Optuna trial N: each job finds its trial through its own Hydra config (`hydra.job.num` and
   `hydra.sweeper`), reports to it after every validation and stops when the pruner says so (lab.optuna_trial);
-- `n_trials` counts the finished trials of the whole study, so re-running in the same sweep dir resumes it; trials
-  left RUNNING by an interrupted sweep become FAIL and the sampler is reseeded (its seed would repeat old trials);
+- `n_trials` counts the finished trials of the whole study, so re-running in the same sweep dir resumes it: a trial
+  left RUNNING by an interrupted sweep runs again as the same job, which continues from its own last.pt, and the
+  sampler is reseeded (its seed would repeat old trials);
 - a job that failed, diverged (it returns NaN) or crashed is a FAIL trial; only crashes count against
   `max_failure_rate`; a job whose metrics.json says `pruned` is a PRUNED trial;
-- `objectives` (metrics.json keys, one per `direction`) makes a multi-objective study; by default the objective
-  is what the job returns: the best value of `checkpoint.monitor`.
+- `objectives` (metrics.json keys) makes a (multi-objective) study; by default the objective is what the job
+  returns: the best value of `checkpoint.monitor`. `direction` follows the metric when not given (`directions`):
+  `checkpoint.mode` for the monitor, minimise for losses and errors, maximise for accuracies and scores; a
+  direction against its metric, or one that cannot be known, is a one-line error.
 """
 
 from __future__ import annotations
@@ -90,6 +93,54 @@ def grid(space: dict[str, Any]) -> dict[str, list[Any]]:
     return choices
 
 
+# How a metric's name (the part after `val/`) says which way is better.
+MINIMIZED = ("loss", "error", "err", "mae", "mse", "rmse", "nll", "perplexity", "time")
+MAXIMIZED = ("acc", "f1", "auc", "auroc", "precision", "recall", "r2", "iou", "dice", "map", "ap", "score")
+
+
+def metric_direction(name: str) -> str | None:
+    """`minimize` for losses and errors, `maximize` for accuracies and scores, None when the name does not say."""
+    words = name.rsplit("/", 1)[-1].lower().replace("-", "_").split("_")
+    if any(word in MINIMIZED for word in words):
+        return "minimize"
+    if any(word in MAXIMIZED or word.startswith("acc") for word in words):
+        return "maximize"
+    return None
+
+
+def directions(
+    direction: str | Sequence[str] | None, objectives: Sequence[str] | None, monitor: str, mode: str
+) -> list[str]:
+    """One direction per objective: as given, else from the metric; a given one must not contradict its metric."""
+    from lab.errors import UserError
+
+    given = (
+        None
+        if direction is None
+        else list(direction)
+        if isinstance(direction, (list, ListConfig))
+        else [str(direction)]
+    )
+    names = list(objectives) if objectives else [monitor]
+    known = [metric_direction(n) for n in names] if objectives else [f"{mode}imize"]
+    if given is None:
+        unknown = [n for n, d in zip(names, known, strict=True) if d is None]
+        if unknown:
+            raise UserError(f"cannot tell whether {', '.join(unknown)} should be maximized or minimized",
+                            "hydra.sweeper.direction", "give one direction per objective, e.g. "
+                            f"hydra.sweeper.direction=[{','.join(d or 'minimize' for d in known)}]")  # fmt: skip
+        return known
+    if len(given) == len(names):
+        for name, want, got in zip(names, known, given, strict=True):
+            if want is not None and got != want:
+                key = "checkpoint.mode" if not objectives else "hydra.sweeper.direction"
+                raise UserError(f"the objective {name} would be {got}d, but better is {want}d "
+                                f"({'checkpoint.mode=' + mode if not objectives else 'its name says so'})", key,
+                                "leave hydra.sweeper.direction unset (it follows the metric) or give the other "
+                                "direction")  # fmt: skip
+    return given
+
+
 class LabOptunaSweeper(Sweeper):
     def __init__(
         self,
@@ -97,7 +148,7 @@ class LabOptunaSweeper(Sweeper):
         pruner: DictConfig | None,
         storage: Any,
         study_name: str,
-        direction: str | Sequence[str],
+        direction: str | Sequence[str] | None = None,
         objectives: Sequence[str] | None = None,
         n_trials: int = 20,
         n_jobs: int = 1,
@@ -106,7 +157,7 @@ class LabOptunaSweeper(Sweeper):
     ) -> None:
         self.sampler_cfg, self.pruner_cfg, self.storage_cfg = sampler, pruner, storage
         self.study_name = study_name
-        self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [str(direction)]
+        self.direction = direction  # None: from the metric (`directions`, in `setup`)
         self.objectives = list(objectives) if objectives else None
         self.n_trials, self.n_jobs, self.max_failure_rate = (
             int(n_trials),
@@ -114,10 +165,18 @@ class LabOptunaSweeper(Sweeper):
             float(max_failure_rate),
         )
         self.params = params
+        self.interrupted: list[Any] = []  # trials an interrupted run of this sweep left RUNNING
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from lab.errors import UserError
+
         self.config = config
         self.hydra_context = hydra_context
+        try:
+            self.directions = directions(self.direction, self.objectives, str(config.checkpoint.monitor),
+                                         str(config.checkpoint.mode))  # fmt: skip
+        except UserError as e:
+            e.exit()
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
@@ -199,9 +258,10 @@ class LabOptunaSweeper(Sweeper):
     def _resume(self, study: Any) -> None:
         from optuna.trial import TrialState
 
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            log.warning("trial %d was left running by an interrupted sweep: marking it failed", trial.number)
-            study.tell(trial.number, state=TrialState.FAIL)
+        self.interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in self.interrupted:
+            log.warning("trial %d was left running by an interrupted sweep: its job continues from its last.pt",
+                        trial.number)  # fmt: skip
         trials = study.get_trials(deepcopy=False)
         if trials:
             study.sampler.reseed_rng()  # its seed would propose the study's first trials again
@@ -211,7 +271,15 @@ class LabOptunaSweeper(Sweeper):
 
     # ---------------------------------------------------------------- the loop
     def _run(self, study: Any, space: dict[str, Any], fixed: dict[str, str]) -> list[JobReturn]:
+        import optuna
+
         returns: list[JobReturn] = []
+        for frozen in self.interrupted:  # the same job number, params and folder: lab.sweep resumes it
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            overrides = tuple(f"{k}={v}" for k, v in {**frozen.params, **fixed}.items())
+            ret = self.launcher.launch([overrides], initial_job_idx=frozen.number)[0]
+            self._tell(study, trial, ret)
+            returns.append(ret)
         while (
             to_go := self.n_trials - sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         ) > 0:

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +67,8 @@ TMP_INFIX = ".tmp-"
 def write_atomic(data: bytes, path: Path) -> None:
     """Temp file in the same dir, fsync, rename: `path` is always the old or the new complete file.
 
-    A full disk or an unwritable dir is a `UserError` naming the file; the previous `path` is left as it was.
+    A full disk or an unwritable dir is a `UserError` naming the file and the checkpoints that are complete on disk
+    (the previous `path` is left as it was).
     """
     _replace_atomic(path, lambda tmp: _write_synced(data, tmp))
 
@@ -112,11 +114,22 @@ def _replace_atomic(path: Path, make: Callable[[Path], None]) -> None:
             os.close(dir_fd)
     except OSError as e:
         raise UserError(
-            f"could not write the checkpoint ({e.strerror or type(e).__name__}); the previous one is intact",
+            f"could not write the checkpoint ({e.strerror or type(e).__name__}); {on_disk(path.parent)}",
             str(path),
             "free disk space or point hydra.run.dir / checkpoint.dirpath at a writable place, then resume "
             "from last.pt",
         ) from None
+
+
+def on_disk(dirpath: Path) -> str:
+    """Which checkpoints in `dirpath` are complete (every file there is: they are only ever renamed into place)."""
+    try:
+        names = sorted(p.name for p in dirpath.glob("*.pt") if p.is_file())
+    except OSError:
+        names = []
+    if not names:
+        return f"no checkpoint is on disk in {dirpath} yet"
+    return f"complete on disk, as they were: {', '.join(names)}"
 
 
 def _write_all(state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
@@ -133,6 +146,33 @@ def remove_stale_temp_files(dirpath: Path) -> None:
     for tmp in dirpath.glob(f".*.pt{TMP_INFIX}*"):
         if not tmp.name.endswith(f"{TMP_INFIX}{os.getpid()}"):
             tmp.unlink(missing_ok=True)
+
+
+def carry_best_over(resume_from: Path, dirpath: Path) -> Path | None:
+    """A run resumed into a new folder takes the interrupted run's `best.pt` along (a hard link, or a copy), so its
+    final evaluation, metrics.json and export are of the same best weights as without the interruption.
+
+    Only the `best.pt` beside the resumed checkpoint, and only when it holds the best value that checkpoint
+    remembers (the same run); an existing `best.pt` in `dirpath` is left alone. Returns the new file, if any.
+    """
+    source, target = resume_from.parent / "best.pt", dirpath / "best.pt"
+    if not source.is_file() or target.exists() or source.resolve() == target.resolve():
+        return None
+    try:  # mmap: only the small entries are read, not the weights
+        monitors = [torch.load(p, mmap=True, weights_only=True).get("monitor") for p in (resume_from, source)]
+    except Exception:  # an unreadable file is reported, with its name, when the run loads it
+        return None
+    if monitors[0] is None or monitors[0] != monitors[1]:
+        return None
+
+    def link_or_copy(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or none with hard links
+            shutil.copyfile(source, tmp)
+
+    _replace_atomic(target, link_or_copy)
+    return target
 
 
 def find_last(log_dir: str | Path, task_name: str) -> Path | None:
@@ -242,6 +282,9 @@ class Checkpointer:
         return model_state(model, self.save_frozen)
 
     def step_due(self, global_step: int) -> bool:
+        """Asked at every optimizer step, so a background write that failed also stops the run at the next step."""
+        if self._pending is not None and self._pending.done():
+            self.wait()  # re-raises its error
         return bool(self.save_last and self.every_n_steps and global_step % self.every_n_steps == 0)
 
     def save_step(self, state: dict[str, Any]) -> None:

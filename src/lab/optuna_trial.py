@@ -75,6 +75,7 @@ class TrialReporter(Callback):
 
         self.number, self.max_epochs = number, max_epochs
         self.pruned_epoch: int | None = None
+        self.validations = 0  # this job's validations so far: the step of each report
         self.trial = None
         if check_launch_env()[0] == 0:  # rank 0
             storage = open_storage(sweeper.storage)
@@ -84,12 +85,17 @@ class TrialReporter(Callback):
             study_id = storage.get_study_id_from_name(sweeper.study_name)
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
             self.trial = optuna.trial.Trial(study, trial_id)
+            # A trial continued from its checkpoint (an interrupted sweep run again) reports after what it had.
+            self.validations = max(storage.get_trial(trial_id).intermediate_values, default=0)
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         epoch = trainer.state.epoch
         prune = False
+        self.validations += 1
         if self.trial is not None and self.single_objective and trainer.monitor in metrics:
-            self.trial.report(float(metrics[trainer.monitor]), step=epoch)
+            # Step = the count of validations: distinct when an epoch validates more than once
+            # (trainer.val_check_interval < 1), and the same for every trial of the sweep.
+            self.trial.report(float(metrics[trainer.monitor]), step=self.validations)
             # Stopping after the last epoch saves nothing: the trial completes instead.
             prune = epoch < self.max_epochs and self.trial.should_prune()
         prune = _broadcast(prune)

@@ -4,6 +4,11 @@
 each job (so a long or interrupted sweep has one so far) and writes and prints it when the multirun ends;
 `python -m lab.sweep_summary <sweep dir>` rebuilds it, e.g. for a sweep stopped with Ctrl-C. Everything is read
 back from the job dirs (`metrics.json`, `.hydra/`), so the summary is the same however the jobs were launched.
+
+Resuming: `sweep.json` in the sweep dir records what the sweep is (its overrides and search space); a sweep dir
+only ever holds the jobs of that one sweep. Running the same sweep again in it skips the jobs whose metrics.json
+says success (or pruned), resumes interrupted jobs from their own `checkpoints/last.pt` (`lab.train.resolve_resume`)
+and runs failed ones again (`finished_job`); a different sweep there is refused before any job starts.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from lab.report import load_study, write_report
 from lab.runs import find_runs, ran_other_code
 
 SUCCESS = "success"
+DONE = (SUCCESS, "pruned")  # a job in this state is not run again when its sweep is re-run
+RECORD = "sweep.json"
 INCOMPLETE = "incomplete"  # no metrics.json: crashed, killed or still running
 
 
@@ -47,6 +54,9 @@ class Job:
     pruned_epoch: int | None = None  # the epoch after which Optuna pruned the trial
     trial_state: str | None = (
         None  # COMPLETE, PRUNED, FAIL, RUNNING: the job's trial in the sweep's Optuna study
+    )
+    objective: float | None = (
+        None  # the value of its COMPLETE trial in a single-objective study: what ranks it
     )
 
     @property
@@ -99,26 +109,32 @@ def _select(config: DictConfig | None, key: str) -> str | None:
 
 
 def collect(sweep_dir: Path) -> list[Job]:
-    """Every job dir (a sub-folder with `.hydra/overrides.yaml`), best first; failed and unfinished ones last."""
+    """Every job dir (a sub-folder with `.hydra/overrides.yaml`), best first; failed and unfinished ones last.
+
+    With a single-objective Optuna study in the sweep dir, "best" is the study's: its objective and direction
+    rank the jobs, so the summary names the trial that the study and optimization_results.yaml name.
+    """
     runs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
     jobs = [read_job(run) for run in runs]
-    states = trial_states(sweep_dir, jobs)
+    study = load_study(sweep_dir)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)} if study is not None else {}
+    ranked_by_study = study is not None and len(study.directions) == 1
     for job in jobs:
-        job.trial_state = states.get(job.num) if states else None
-    sign = -1.0 if sweep_mode(jobs) == "max" else 1.0
+        trial = trials.get(job.num)
+        job.trial_state = trial.state.name if trial is not None else None
+        if ranked_by_study and job.trial_state == "COMPLETE":
+            job.objective = trial.value
     by_num = sorted(
         jobs, key=lambda j: (isinstance(j.num, str), j.num if isinstance(j.num, int) else 0, j.num)
     )
     # sorted() is stable: equal values and the failed jobs keep the job order.
+    if ranked_by_study:
+        sign = -1.0 if study.direction.name == "MAXIMIZE" else 1.0
+        return sorted(
+            by_num, key=lambda j: (0, sign * j.objective) if j.ok and j.objective is not None else (1, 0.0)
+        )
+    sign = -1.0 if sweep_mode(jobs) == "max" else 1.0
     return sorted(by_num, key=lambda j: (0, sign * j.best) if j.ok else (1, 0.0))
-
-
-def trial_states(sweep_dir: Path, jobs: list[Job]) -> dict[int | str, str]:
-    """Trial number → state, from the Optuna study in the sweep dir; {} if none."""
-    study = load_study(sweep_dir)
-    if study is None:
-        return {}
-    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
 
 
 def command_line(job: Job) -> str:
@@ -170,7 +186,7 @@ def write_summary(sweep_dir: Path) -> list[Job]:
     lines = [
         f"# Sweep {sweep_dir.name}",
         "",
-        f"{counts(jobs)}; sorted by `{monitor}` ({sweep_mode(jobs)}), best first.",
+        f"{counts(jobs)}; sorted by {ranking(jobs, monitor)}, best first.",
         "",
         *([f"Overrides common to all jobs: `{' '.join(common)}`", ""] if common else []),
         *([f"Best job again as a single run: `{command_line(best)}`", ""] if (best := _best(jobs)) else []),
@@ -196,6 +212,12 @@ def other_code(sweep_dir: Path, runs: list) -> list[str]:
     return [run.run_dir.name for run in runs if code.is_dir() and ran_other_code(run, code)]
 
 
+def ranking(jobs: list[Job], monitor: str) -> str:
+    if any(j.objective is not None for j in jobs):
+        return "the Optuna study's objective (the value each COMPLETE trial was told)"
+    return f"`{monitor}` ({sweep_mode(jobs)})"
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Parallel jobs (joblib, SLURM) each rewrite the summary when they end: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -213,6 +235,8 @@ def counts(jobs: list[Job]) -> str:
 
 
 def _best(jobs: list[Job]) -> Job | None:
+    if any(j.objective is not None for j in jobs):  # the study's best trial
+        return next((j for j in jobs if j.ok and j.objective is not None), None)
     return next((j for j in jobs if j.ok), None)
 
 
@@ -234,8 +258,9 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
         lines.append("no job succeeded")
     else:
         test = f"  test={best.test:.4f}" if best.test is not None else ""
+        objective = f"  objective={best.objective:.4f}" if best.objective is not None else ""
         lines += [
-            f"best: job {best.num}  {best.monitor}={best.best:.4f}{test}",
+            f"best: job {best.num}{objective}  {best.monitor}={best.best:.4f}{test}",
             f"  overrides: {' '.join(best.overrides)}",
             f"  checkpoint: {best.checkpoint or '(none saved)'}",
             f"  run it again: {command_line(best)}",
@@ -243,8 +268,127 @@ def report(sweep_dir: Path, jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+def sweep_record(config: DictConfig) -> dict[str, Any]:
+    """What makes a sweep the same sweep: its command-line overrides and its sweeper's search space."""
+    from lab.redact import redact, redact_override
+
+    sweeper = config.hydra.sweeper
+    return {
+        "overrides": [redact_override(str(o)) for o in config.hydra.overrides.task],
+        "sweeper": str(sweeper.get("_target_")),
+        "params": redact(
+            OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
+        ),
+    }
+
+
+def check_search_space(config: DictConfig) -> None:
+    """Before the first job: every swept key exists in the composed config (or is added with `+key=`) and each of
+    its values fits the key's type in the schema (one line, exit 2, else). Keys under a swept config group
+    (`model=mlp,simple_cnn model.width=...`) are left to each job: the master config holds one option only."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lab.errors import UserError
+
+    params = config.hydra.sweeper.get("params") or {}
+    from_params = [f"{key}={value}" for key, value in params.items()]
+    overrides = OverridesParser.create().parse_overrides([*from_params, *config.hydra.overrides.task])
+    groups = set(config.hydra.runtime.choices)
+    swept_groups = {o.key_or_group for o in overrides if o.is_sweep_override() and o.key_or_group in groups}
+    task = copy.deepcopy(config)
+    for override in overrides:
+        key = override.key_or_group
+        if not override.is_sweep_override() or key in groups or override.type != OverrideType.CHANGE:
+            continue  # a group option (Hydra checks it), `+key` (added), `~key`
+        if any(key.startswith(f"{group}.") for group in swept_groups):
+            continue
+        where = f"hydra.sweeper.params.{key}" if key in params else key
+        if OmegaConf.select(task, key, default=_MISSING, throw_on_resolution_failure=False) is _MISSING:
+            UserError(
+                f"the search space sweeps {key}, which this config does not have "
+                f"(model={config.hydra.runtime.choices.get('model')})",
+                where,
+                f"check the name (`python train.py --cfg job` prints the config), add it with +{key}=..., or drop "
+                "the preset's search space ('~hydra.sweeper.params') and give yours on the command line"
+                if where != key
+                else f"check the name (`python train.py --cfg job` prints the config) or add it with +{key}=...",
+            ).exit()  # fmt: skip
+        if override.is_interval_sweep():
+            continue  # numbers by construction: the typed bounds are checked when a job composes its config
+        for value in override.sweep_iterator():
+            try:
+                OmegaConf.update(task, key, value)
+            except OmegaConfBaseException as e:
+                UserError(f"the search space gives {key} the value {value!r}: {str(e).splitlines()[0]}", where,
+                          "give values of the key's type").exit()  # fmt: skip
+
+
+_MISSING = object()
+
+
+def claim_sweep_dir(config: DictConfig) -> None:
+    """Write `sweep.json`, or check that the sweep dir holds this very sweep (else one line, exit 2)."""
+    from lab.errors import UserError
+
+    sweep_dir = Path(config.hydra.sweep.dir)
+    record, path = sweep_record(config), sweep_dir / RECORD
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier is None and any(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        earlier = {"overrides": ["(a sweep that left no sweep.json)"]}
+    if earlier is not None and earlier != record:
+        UserError(
+            f"the sweep dir holds the jobs of another sweep ({' '.join(earlier['overrides'])})",
+            "hydra.sweep.dir",
+            "give this sweep a new hydra.sweep.dir, or re-run that sweep's own command to resume it",
+        ).exit()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def finished_job(output_dir: Path, num: Any) -> float | None:
+    """A job of a re-run sweep: its objective when it finished in an earlier run (not run again), else None.
+
+    A failed earlier attempt is moved to `failed-attempt-<n>/` in the job dir, so this attempt starts clean and
+    nothing it reports comes from the earlier one (its checkpoints are never resumed from).
+    """
+    import logging
+
+    try:
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None  # never finished: resumed from its own last.pt if it wrote one
+    log = logging.getLogger("lab")
+    if metrics.get("status") in DONE:
+        log.info("sweep job %s: %s in an earlier run of this sweep (%s), not run again", num,
+                 metrics["status"], output_dir / "metrics.json")  # fmt: skip
+        best = _number(metrics.get("best"))
+        return best if best is not None else math.nan
+    attempt = next(output_dir / f"failed-attempt-{n}" for n in range(1, 10_000)
+                   if not (output_dir / f"failed-attempt-{n}").exists())  # fmt: skip
+    attempt.mkdir()
+    for path in output_dir.iterdir():  # train.log is open (Hydra appends to it) and .hydra/ is this attempt's
+        if (
+            path != attempt
+            and not path.name.startswith((".", "failed-attempt-"))
+            and path.name != "train.log"
+        ):
+            path.rename(attempt / path.name)
+    log.info("sweep job %s: %s in an earlier run of this sweep, run again (that attempt: %s)", num,
+             metrics.get("status"), attempt)  # fmt: skip
+    return None
+
+
 class SweepSummary(Callback):
-    """Updates the summary after each job; at the end prints the best job and exits 1 when no job succeeded."""
+    """Claims the sweep dir (`sweep.json`); updates the summary after each job; at the end prints the best job and
+    exits 1 when no job succeeded."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_search_space(config)
+        claim_sweep_dir(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or os.environ.get("RANK", "0") != "0":

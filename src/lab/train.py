@@ -30,6 +30,12 @@ def main(cfg: DictConfig) -> float:
     from lab.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
+        if _in_multirun():  # a job of a re-run sweep that already finished is not run again
+            from lab.sweep import finished_job
+
+            done = finished_job(Path(cfg.paths.output_dir), _job_num())
+            if done is not None:
+                return done
         return run(cfg)
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
@@ -49,6 +55,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
+    from lab.redact import scrub_text, secret_values
+
+    line = scrub_text(line, secret_values())
     print(line, file=sys.stderr, flush=True)
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
     metrics = Path(output_dir) / "metrics.json" if output_dir else None
@@ -65,6 +74,12 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_num() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.num
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -93,32 +108,63 @@ def model_summary(model: Any, example: Any) -> str:
 
 
 def resolve_resume(cfg: DictConfig) -> None:
-    """`resume=auto`: continue from the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`), if any.
+    """Which checkpoint this run continues from (sets `ckpt_path`); an explicit `ckpt_path` wins.
 
-    An explicit `ckpt_path` wins. The resumed run writes into its own new run dir (nothing earlier is touched)
-    unless `hydra.run.dir=<old run dir>` is given to continue in place.
+    A sweep job continues from its own `last.pt` when an earlier run of the sweep was interrupted (see lab.sweep).
+    `resume=auto` with a run folder (`hydra.run.dir=<run>`) continues that folder from its own `last.pt`, never
+    another run's; without one, the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`) in a new run dir
+    (nothing earlier is touched). Either way the log says which file, or that none was found.
     """
     from omegaconf import open_dict
 
     from lab import checkpoint as ckpt
 
     mode = cfg.get("resume")
-    if mode is None:
-        return
-    if mode != "auto":
+    if mode not in (None, "auto"):
         raise UserError(f"unknown value {mode!r}", "resume", "use resume=auto or resume=null")
+    own = Path(OmegaConf.select(cfg, "checkpoint.dirpath", default="") or cfg.paths.output_dir, "last.pt")
     if _in_multirun():
-        raise UserError("resume=auto would give every job of a sweep the same checkpoint", "resume",
-                        "resume single runs, or pass ckpt_path per job")  # fmt: skip
-    if cfg.get("ckpt_path"):
+        found, why = (
+            (own, f"sweep job {_job_num()}: resuming from its own {own}") if own.is_file() else (None, "")
+        )
+    elif mode is None or cfg.get("ckpt_path"):
         return
-    found = ckpt.find_last(cfg.paths.log_dir, cfg.task_name)
-    if found is None:
-        log.info("resume=auto: no last.pt under %s/%s/runs, starting fresh", cfg.paths.log_dir, cfg.task_name)
+    elif _run_dir_given():
+        found = own if own.is_file() else None
+        why = f"resume=auto: continuing this run folder from its own {own}" if found else (
+            f"resume=auto: no {own} yet, starting fresh in this run folder")  # fmt: skip
+    else:
+        found = ckpt.find_last(cfg.paths.log_dir, cfg.task_name)
+        where = f"{cfg.paths.log_dir}/{cfg.task_name}/runs"
+        why = f"resume=auto: resuming from {found}, the newest last.pt under {where}" if found else (
+            f"resume=auto: no last.pt under {where}, starting fresh")  # fmt: skip
+    if why:
+        log.info(why)
+    if found is not None:
+        with open_dict(cfg):
+            cfg.ckpt_path = str(found)
+
+
+def carry_best_over(cfg: DictConfig) -> None:
+    """Resuming training into a new run folder: the interrupted run's best.pt comes along (lab.checkpoint)."""
+    from lab import checkpoint as ckpt
+
+    dirpath = OmegaConf.select(cfg, "checkpoint.dirpath", default=None)
+    if not (cfg.train and cfg.get("ckpt_path") and dirpath and cfg.checkpoint.save_top_k > 0):
         return
-    with open_dict(cfg):
-        cfg.ckpt_path = str(found)
-    log.info("resume=auto: resuming from %s", found)
+    carried = ckpt.carry_best_over(Path(cfg.ckpt_path), Path(dirpath))
+    if carried is not None:
+        log.info("resume: carried %s over to %s (the best weights so far)", Path(cfg.ckpt_path).parent / "best.pt",
+                 carried)  # fmt: skip
+
+
+def _run_dir_given() -> bool:
+    """`hydra.run.dir=...` on the command line: the run continues in that folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and any(
+        str(o).lstrip("+").startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra
+    )
 
 
 @dataclass
@@ -139,16 +185,23 @@ class Job:
 
 def run(cfg: DictConfig) -> float:
     """Check the config, build everything, train, evaluate the best weights, report."""
-    resolve_resume(cfg)
-    validate(cfg)
-    job = build(cfg)
-    ddp, success = job.ddp, False
+    from lab import run_lock
+
+    run_lock.acquire(cfg.paths.output_dir)  # one process per run folder, for the whole run
     try:
-        best = fit_and_report(job)
-        success = True
+        resolve_resume(cfg)
+        validate(cfg)
+        carry_best_over(cfg)
+        job = build(cfg)
+        ddp, success = job.ddp, False
+        try:
+            best = fit_and_report(job)
+            success = True
+        finally:
+            del job  # with it the DDP wrapper, which holds the process group: see Distributed.close
+            ddp.close(success)
     finally:
-        del job  # with it the DDP wrapper, which holds the process group: see Distributed.close
-        ddp.close(success)
+        run_lock.release(cfg.paths.output_dir)
     return best
 
 
@@ -174,7 +227,7 @@ def build(cfg: DictConfig) -> Job:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config = redact(resolved)
+    config = redact(resolved)  # secret-named keys and every known secret value masked
     scrub_hydra_dir(output_dir, resolved)
     install_log_filter(resolved)
     trainer_cfg = trainer_config(cfg.trainer)

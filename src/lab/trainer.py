@@ -41,6 +41,7 @@ from lab.config import TrainerConfig, parse_duration
 from lab.data.loaders import as_loader
 from lab.metrics import Metrics
 from lab.optim import Schedulers
+from lab.runtime import quit_now
 from lab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class Trainer:
 
         def handler(signum: int, frame: Any) -> None:
             if self.stop_signal is not None:
-                raise KeyboardInterrupt
+                quit_now(signum)
             self.stop_signal = signum
             log.warning(
                 "%s received: stopping after this step (again to quit now)", signal.Signals(signum).name
@@ -372,8 +373,8 @@ class Trainer:
         try:
             yield
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+            for s, h in previous.items():  # after a stop signal, one more ends the process at once (quit_now)
+                signal.signal(s, h if self.stop_signal is None else quit_now)
 
     # ---------------------------------------------------------------- fit
     def fit(self, ckpt_path: str | Path | None = None) -> dict[str, float]:

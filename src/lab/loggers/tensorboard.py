@@ -39,8 +39,9 @@ class TensorBoardLogger(Logger):
         return self._writer
 
     def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
-        # Events past the checkpoint were written by the interrupted run: drop them so curves do not fork.
-        self.purge_step = global_step
+        # Events past the checkpoint were written by the interrupted run: drop them so curves do not fork. Those
+        # AT the checkpoint's step are part of it (SummaryWriter purges every step >= purge_step): keep them.
+        self.purge_step = global_step + 1
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for name, value in metrics.items():
