@@ -34,10 +34,7 @@ def main(cfg: DictConfig) -> float:
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
     except OmegaConfBaseException as e:
-        # A UserError raised inside a config resolver, e.g. ${weights_meta:...}, arrives wrapped by OmegaConf.
-        cause = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__ or cause.__context__
+        cause = user_error_in(e)
         if cause is None:
             raise
         return _fail(cfg, cause.line(), EXIT_USER_ERROR, status="failed")
@@ -48,13 +45,40 @@ def main(cfg: DictConfig) -> float:
         sys.exit(128 + e.signum)
 
 
-def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
-    print(line, file=sys.stderr, flush=True)
+def run_for_api(cfg: DictConfig) -> float:
+    """`run` for `lab.fit`: a user error is recorded in metrics.json as `main` records it, then raised."""
+    try:
+        return run(cfg)
+    except UserError as e:
+        record_failure(cfg, e.line(), "failed")
+        raise
+    except OmegaConfBaseException as e:
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        record_failure(cfg, cause.line(), "failed")
+        raise cause from None
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """A UserError raised inside a config resolver, e.g. ${weights_meta:...}, arrives wrapped by OmegaConf."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
+def record_failure(cfg: DictConfig, line: str, status: str) -> None:
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
     metrics = Path(output_dir) / "metrics.json" if output_dir else None
     # Never clobber the metrics.json of a finished run.
     if metrics is not None and metrics.parent.is_dir() and not metrics.exists():
         write_json(metrics, {"status": status, "error": line})
+
+
+def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
+    print(line, file=sys.stderr, flush=True)
+    record_failure(cfg, line, status)
     if _in_multirun():
         return math.nan  # the sweeper records a failed trial and the sweep goes on
     sys.exit(code)
@@ -160,8 +184,9 @@ def build(cfg: DictConfig) -> Job:
     from lab import distributed
     from lab.callbacks import build_callbacks
     from lab.config import build as build_object
-    from lab.config import check_monitor
+    from lab.config import check_monitor, monitors
     from lab.data import build_data, build_loaders
+    from lab.dry_run import dry_run
     from lab.loggers import LoggerFanOut, build_loggers
     from lab.models import build_model
     from lab.optim import build_optimizer, build_schedulers
@@ -191,9 +216,8 @@ def build(cfg: DictConfig) -> Job:
     mix = build_mix(cfg, task)
     augment = build_augment(cfg, task, splits)
     ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
-    check_monitor(
-        cfg.checkpoint.monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])]
-    )
+    for key, monitor in monitors(cfg):
+        check_monitor(monitor, task.metric_names(), ["val", "train", *(["val_ema"] if ema else [])], key)
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     if augment is not None:  # training batches only: validation and test stay as they are
         from lab.data.augment import AugmentedLoader
@@ -210,6 +234,7 @@ def build(cfg: DictConfig) -> Job:
     forward_model = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
     schedulers = build_schedulers(cfg.scheduler, optimizer, len(loaders["train"]), cfg.trainer.max_epochs)
+    dry_run(cfg, splits, model, task, optimizer, augment, mix, len(loaders["train"]), device)
     checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     if not main_rank:
         checkpoint_cfg |= {"save_last": False, "save_top_k": 0}

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lab import checkpoint as ckpt
+from lab.config import parse_duration
 from lab.data.augment import AugmentedLoader
 from lab.metrics import Metrics
 from lab.optim import Schedulers
@@ -57,18 +58,6 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken
     batch_in_epoch: int = 0  # batches of the current epoch already trained (for mid-epoch resume)
     best: float | None = None  # best value of the monitored metric so far
-
-
-def parse_duration(value: Any) -> float | None:
-    """`trainer.max_time`: null, seconds, or "[[DD:]HH:]MM:SS" → seconds."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        seconds = 0.0
-        for part, unit in zip(reversed(value.split(":")), (1, 60, 3600, 86400), strict=False):
-            seconds += float(part) * unit
-        return seconds
-    return float(value)
 
 
 def limit_batches(limit: int | float | None, num_batches: int) -> int:
