@@ -355,9 +355,11 @@ def _from_library(error: BaseException) -> bool:
     return any(f"/{lib.rstrip('.')}/" in innermost_call for lib in LIBRARIES)
 
 
-def library_error(error: BaseException, key: str) -> UserError:
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return UserError(f"{type(error).__name__}: {message}", key, f"fix the values under {key}")
+def library_error(error: BaseException, key: str, target: str = "") -> UserError:
+    """One line for what a library class raised about a value from the config under `key`."""
+    message = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+    return UserError(f"{target} rejected the config: {message}" if target else message, key,
+                     f"fix the values under {key}")  # fmt: skip
 
 
 def target_nodes(node: Any, key: str) -> list[tuple[str, DictConfig]]:
@@ -434,8 +436,14 @@ def validate(cfg: DictConfig) -> None:
                         "set e.g. callbacks.early_stopping.patience=5")  # fmt: skip
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        raise UserError(f"no checkpoint file at {ckpt_path}", "ckpt_path",
-                        "give the path of a last.pt or best.pt")  # fmt: skip
+        what = (
+            "is a directory, not a checkpoint file"
+            if Path(str(ckpt_path)).is_dir()
+            else "checkpoint file not found"
+        )
+        raise UserError(
+            what, f"ckpt_path={ckpt_path}", "give the path of a .pt file, e.g. <run dir>/checkpoints/last.pt"
+        )
     if not cfg.get("train") and not cfg.get("test"):
         raise UserError("nothing to do", "train=false test=false", "set train=true and/or test=true")
     if not cfg.get("train") and ckpt_path is None:

@@ -59,7 +59,7 @@ def library_call(call: Callable[[], Any], node: DictConfig, key: str) -> Any:
     except Exception as e:
         if not str(node.get("_target_", "")).startswith(LIBRARIES):
             raise
-        raise library_error(e, key) from None
+        raise library_error(e, key, str(node._target_)) from None
 
 
 def check_loss(node: DictConfig, model: Any, task: Any, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -106,7 +106,7 @@ def check_schedulers(cfg: DictConfig, optimizer: Any, steps_per_epoch: int) -> N
             raise
         # StepLR's `step_size`, CosineAnnealingLR's `T_max`: an integer 0 that the first step divides by.
         zero = [k for k, v in node.items() if isinstance(e, ZeroDivisionError) and type(v) is int and v == 0]
-        raise library_error(e, f"scheduler.{zero[0]}" if zero else "scheduler") from None
+        raise library_error(e, f"scheduler.{zero[0]}" if zero else "scheduler", str(node._target_)) from None
     check_learning_rates(throwaway, node)
 
 
