@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf reads th
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from lab.errors import UserError
+from lab.errors import UserError, user_error_in
 
 PRECISIONS = ("32", "bf16", "bf16-mixed", "16-mixed")
 MODES = ("min", "max")
@@ -293,6 +293,8 @@ def check_schema(node: DictConfig, schema: type, key: str) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(schema), {name: node[name] for name in known})
     except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
+        if (cause := user_error_in(e)) is not None:  # raised by a resolver while reading a value
+            raise cause from None
         name = getattr(e, "full_key", "") or ""
         raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
                         "give a value of the type the key takes") from None  # fmt: skip

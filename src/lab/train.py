@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lab.config import validate
-from lab.errors import EXIT_USER_ERROR, UserError
+from lab.errors import EXIT_USER_ERROR, UserError, user_error_in
 
 log = logging.getLogger("lab")
 
@@ -58,14 +58,6 @@ def run_for_api(cfg: DictConfig) -> float:
             raise
         record_failure(cfg, cause.line(), "failed")
         raise cause from None
-
-
-def user_error_in(error: BaseException) -> UserError | None:
-    """A UserError raised inside a config resolver, e.g. ${weights_meta:...}, arrives wrapped by OmegaConf."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, UserError):
-        cause = cause.__cause__ or cause.__context__
-    return cause
 
 
 def record_failure(cfg: DictConfig, line: str, status: str) -> None:
