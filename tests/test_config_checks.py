@@ -111,3 +111,32 @@ def test_a_library_rejection_and_an_unknown_argument_are_one_line() -> None:
     assert str(error.value) == (
         f"error: {__name__}.RaisesInInit takes no argument 'sise' (callbacks.mine.sise): use one of size"
     )
+
+
+def test_the_dry_run_changes_nothing_of_the_run(tmp_path: Path) -> None:
+    """Weights, BatchNorm statistics, the optimizer's state and learning rates and the RNGs are as they were."""
+    import random
+
+    import torch
+
+    from lab.data import build_data
+    from lab.dry_run import dry_run
+    from lab.models import build_model
+    from lab.optim import build_optimizer, build_schedulers
+    from lab.train import build_mix
+
+    cfg = compose_config(["mix=mixup", "scheduler=onecycle"], tmp_path)
+    splits, model, task = build_data(cfg.dataset), build_model(cfg.model), build(cfg.task, "task")
+    optimizer, mix = build_optimizer(cfg.optimizer, model), build_mix(cfg, task)
+    build_schedulers(cfg.scheduler, optimizer, 10, cfg.trainer.max_epochs)
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state(), random.getstate(),
+              [g["lr"] for g in optimizer.param_groups], optimizer.state_dict()["state"])  # fmt: skip
+    assert any("running_mean" in k for k in before[0])  # the model has BatchNorm statistics to keep
+    dry_run(cfg, splits, model, task, optimizer, None, mix, 10, "cpu")
+    after = model.state_dict()
+    assert all(torch.equal(before[0][k], after[k]) for k in after) and model.training
+    assert torch.equal(before[1], torch.get_rng_state()) and before[2] == random.getstate()
+    assert (
+        before[3] == [g["lr"] for g in optimizer.param_groups]
+        and optimizer.state_dict()["state"] == before[4]
+    )

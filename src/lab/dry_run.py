@@ -25,20 +25,23 @@ from lab.errors import UserError
 
 def dry_run(cfg: DictConfig, splits: Any, model: Any, task: Any, optimizer: Any, augment: Any, mix: Any,
             steps_per_epoch: int, device: Any) -> None:  # fmt: skip
-    with keep_rng():
-        x, y = example_batch(splits, device)
-        if augment is not None:
-            x = library_call(lambda: augment(x), cfg.augment, "augment")
-        if mix is not None:
-            x, y = library_call(lambda: mix(x, y), cfg.mix, "mix")
-        check_loss(cfg.task.loss, model, task, x, y)
+    if len(splits.train):  # (an empty split is named by the data checks)
+        with keep_rng(torch.device(device)):
+            x, y = example_batch(splits, device)
+            if augment is not None:
+                x = library_call(lambda: augment(x), cfg.augment, "augment")
+            if mix is not None:
+                x, y = library_call(lambda: mix(x, y), cfg.mix, "mix")
+            check_loss(cfg.task.loss, model, task, x, y)
     check_schedulers(cfg, optimizer, steps_per_epoch)
 
 
 @contextlib.contextmanager
-def keep_rng() -> Iterator[None]:
+def keep_rng(device: torch.device) -> Iterator[None]:
+    """Python's and torch's generators (the device's too) as they were before: the run draws the same numbers."""
     state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         yield
     random.setstate(state)
 
