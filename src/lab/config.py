@@ -172,7 +172,8 @@ class PathsConfig:
     root_dir: str = "."
     data_dir: str = "${paths.root_dir}/data"  # dataset cache (torchvision datasets download here)
     log_dir: str = "${paths.root_dir}/outputs"  # every run and sweep folder goes under here
-    output_dir: str = "${hydra:runtime.output_dir}"  # this run's folder (hydra.run.dir / hydra.sweep.dir)
+    # This run's folder (hydra.run.dir / hydra.sweep.dir); null where Hydra runs no job (`--cfg job --resolve`).
+    output_dir: Optional[str] = "${hydra:runtime.output_dir}"  # noqa: UP045
     feature_cache: Optional[str] = "${paths.log_dir}/cache/features"  # noqa: UP045  frozen-backbone features; null: off
 
 
@@ -452,7 +453,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             "evaluation needs a checkpoint", "ckpt_path", "set ckpt_path=<path to best.pt or last.pt>"
         )
-    creatable(cfg.paths.output_dir, "paths.output_dir")
+    if cfg.paths.output_dir is not None:
+        creatable(cfg.paths.output_dir, "paths.output_dir")
 
 
 def creatable(directory: str, key: str) -> None:
