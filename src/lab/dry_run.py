@@ -95,7 +95,11 @@ def check_schedulers(cfg: DictConfig, optimizer: Any, steps_per_epoch: int) -> N
         groups.append(
             {**{k: v for k, v in group.items() if k not in ("params", "initial_lr")}, "params": [param]}
         )
-    throwaway = type(optimizer)(groups)
+    # The same class, as a scheduler may read its keys (betas, momentum); SGD for a class that takes more arguments.
+    try:
+        throwaway = type(optimizer)(groups)
+    except TypeError:
+        throwaway = torch.optim.SGD([{"params": g["params"], "lr": g["lr"]} for g in groups])
     schedulers = build_schedulers(node, throwaway, steps_per_epoch, cfg.trainer.max_epochs)
     try:
         check_learning_rates(throwaway, node)
