@@ -9,6 +9,7 @@ one per place a failure can come from, also run as real processes and must fail 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ class Case:
     overrides: tuple[str, ...]
     names: str  # the error line must contain this (the bad key or file)
     env: dict[str, str] = field(default_factory=dict)
+    says: str = ""  # and this (e.g. the keys the chosen option has)
 
 
 # `{d}` is the fixture folder, `{good}` the earlier good run.
@@ -103,6 +105,42 @@ CASES = [
     Case("checkpoint_dir_not_writable", ("checkpoint.dirpath={d}/a_file/ckpts",), "checkpoint.dirpath"),
     Case("dataset_files_missing", ("dataset=mnist", "paths.data_dir={d}/no_data"), "dataset.source.root"),
     Case("torchrun_world_size_zero", (), "WORLD_SIZE", env={"WORLD_SIZE": "0"}),
+    # An unknown key lists the keys of the option actually chosen.
+    Case("unknown_key_of_chosen_model", ("model=mlp", "model.hiden=32"), "model.hiden", says="hidden"),
+    Case(
+        "unknown_key_of_chosen_optimizer",
+        ("optimizer=sgd", "optimizer.momentun=0.5"),
+        "optimizer.momentun",
+        says="momentum",
+    ),
+    # Values a library class only rejects when used: found by the dry run before the first step.
+    Case("scheduler_step_size_zero", ("scheduler=step", "scheduler.step_size=0"), "scheduler.step_size"),
+    Case("scheduler_t_max_zero", ("scheduler=cosine", "scheduler.T_max=0"), "scheduler.T_max"),
+    Case("onecycle_negative_max_lr", ("scheduler=onecycle", "scheduler.max_lr=-1"), "scheduler.max_lr"),
+    Case("label_smoothing_above_one", ("task.loss.label_smoothing=2",), "task.loss", says="label_smoothing"),
+    Case("loss_without_reduction", ("+task.loss.reduction=none",), "task.loss.reduction"),
+    Case("augment_magnitude_out_of_range", ("augment=randaugment", "augment.magnitude=50"), "augment"),
+    # lab's own keys and classes: typed schemas, value ranges, arguments checked against the signature.
+    Case("warmup_steps_not_int", ("scheduler.warmup_steps=abc",), "scheduler.warmup_steps"),
+    Case("layer_decay_above_one", ("optimizer.layer_decay=2",), "optimizer.layer_decay"),
+    Case("ema_unknown_argument", ("callbacks=[default,ema]", "+callbacks.ema.foo=1"), "callbacks.ema.foo"),
+    Case("logger_unknown_argument", ("+logger.tensorboard.foo=1",), "logger.tensorboard.foo"),
+    Case("max_time_five_fields", ("trainer.max_time=1:02:03:04:05",), "trainer.max_time"),
+    Case("save_top_k_negative", ("checkpoint.save_top_k=-1",), "checkpoint.save_top_k"),
+    Case(
+        "monitor_histogram_every_zero",
+        ("monitor.histograms.every_n_steps=0",),
+        "monitor.histograms.every_n_steps",
+    ),
+    Case("prefetch_factor_zero", ("dataset.prefetch_factor=0",), "dataset.prefetch_factor"),
+    # Keys that span groups.
+    Case(
+        "early_stopping_monitor_never_logged",
+        ("callbacks.early_stopping.monitor=val/f1",),
+        "callbacks.early_stopping.monitor",
+    ),
+    Case("export_format_unknown", ("export=[onnx,tflite]",), "export"),
+    Case("output_dir_impossible", ("paths.output_dir=/proc/nope",), "paths.output_dir"),
     Case("torchrun_rank_outside_world", (), "RANK/WORLD_SIZE", env={"WORLD_SIZE": "2", "RANK": "3"}),
     # Own images and torchvision backbones.
     Case(
@@ -198,7 +236,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Co
         cli_procs = pool.map(lambda c: run(c, run_train, "cli"), cli)
         procs |= {("cli", c.id): proc for c, proc in zip(cli, cli_procs, strict=True)}
     assert snapshot(good) == before, "a failed run modified an earlier run dir"
-    return procs
+    return procs | {"dir": d}
 
 
 def test_the_table_has_at_least_25_cases() -> None:
@@ -209,17 +247,26 @@ def assert_fails_cleanly(proc: subprocess.CompletedProcess, case: Case) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if case.names in line]
-    assert lines, f"no line of stderr names {case.names!r}:\n{proc.stderr[-2000:]}"
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) <= 1, ours  # our own message is a single line (Hydra's may take a few)
-    if ours:
-        assert case.names in ours[0] and ours[0].count("error:") == 1
+    assert len(ours) == 1, proc.stderr[-2000:]  # exactly one line of ours, and no Hydra message block
+    assert case.names in ours[0] and case.says in ours[0] and ours[0].count("error:") == 1, ours[0]
+    assert "Error executing job" not in output and "Error in call to target" not in output, output[-2000:]
+
+
+def assert_nothing_trained(run_dir: Path) -> None:
+    """No epoch ran: no checkpoint, no metrics beyond the failure record, no logged step."""
+    assert not list(run_dir.glob("checkpoints/*"))
+    metrics = run_dir / "metrics.json"
+    assert not metrics.exists() or json.loads(metrics.read_text())["status"] == "failed"
+    assert not list(run_dir.glob("tensorboard/events.*")) or not any(
+        p.stat().st_size > 200 for p in run_dir.glob("tensorboard/events.*")
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input_fails_cleanly(case: Case, results: dict) -> None:
     assert_fails_cleanly(results[case.id], case)
+    assert_nothing_trained(results["dir"] / "runs" / case.id)
 
 
 @pytest.mark.parametrize("case_id", CLI_CASES)

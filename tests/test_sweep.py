@@ -117,7 +117,7 @@ def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess
 def test_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     proc = multirun(tmp_path, "optimizer.lr=-1,1e-3", "logger=none", "checkpoint=none")
     assert proc.returncode == 0
-    assert "error: must be a number in (0, 1] (a learning rate), got -1 (optimizer.lr)" in proc.stderr
+    assert "error: must be a learning rate in (0, 1], got -1 (optimizer.lr)" in proc.stderr
     failed, ok = sorted(read_csv(tmp_path), key=lambda r: r["job"])
     assert (failed["status"], failed["val/acc"], failed["overrides"]) == ("failed", "", "optimizer.lr=-1")
     assert ok["status"] == "success" and float(ok["val/acc"]) == metrics_of(ok)["best"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
@@ -193,12 +194,13 @@ def test_an_error_inside_a_user_dataset_keeps_its_traceback(tmp_path: Path) -> N
     cfg = compose_config(
         ["dataset.source._target_=test_tasks.RaisesTypeError", "+dataset.source.root=x"], tmp_path
     )
-    with pytest.raises(Exception) as error:
+    with pytest.raises(TypeError, match="my dataset got a bad argument") as error:
         build_data(cfg.dataset)
-    assert not isinstance(error.value, UserError)
-    assert isinstance(error.value.__cause__, TypeError) and "my dataset got a bad argument" in str(
-        error.value
-    )
+    assert not isinstance(error.value, UserError)  # raised as it was, not inside Hydra's wrapper
+    frames = traceback.extract_tb(error.value.__traceback__)
+    assert (
+        frames[-1].filename == __file__ and frames[-1].name == "__init__"
+    )  # where the user's class raised it
 
 
 def test_an_error_inside_a_user_dataset_reaches_the_cli_user_with_its_traceback(tmp_path: Path) -> None:
@@ -208,8 +210,14 @@ def test_an_error_inside_a_user_dataset_reaches_the_cli_user_with_its_traceback(
     proc = run_train(tmp_path / "run", "dataset.source._target_=test_tasks.RaisesTypeError",
                      "+dataset.source.root=x", check=False, env=env, cwd=ROOT)  # fmt: skip
     assert proc.returncode != 0
-    assert "my dataset got a bad argument" in proc.stderr and "TypeError" in proc.stderr
-    assert "put the dataset files" not in proc.stderr  # no guess replaces the real error
+    assert "Traceback (most recent call last)" in proc.stderr
+    # The frame of the user's own file that raised it, with its source line, then the exception itself.
+    assert (
+        f'File "{__file__}", line' in proc.stderr
+        and 'raise TypeError("my dataset got a bad argument")' in (proc.stderr)
+    )
+    assert "TypeError: my dataset got a bad argument" in proc.stderr
+    assert "put the dataset files" not in proc.stderr and "error: " not in proc.stderr  # no one-line guess
 
 
 def test_labels_outside_num_classes_fail_when_the_dataset_is_built(tmp_path: Path) -> None:

@@ -1,139 +1,345 @@
-"""Typed configs, and the checks on the composed config that types cannot express.
+"""Typed configs, and the checks on the composed config.
 
-`TrainerConfig` and `CheckpointConfig` are structured-config schemas in Hydra's ConfigStore: `conf/trainer/*.yaml`
-and `conf/checkpoint/*.yaml` extend them (`defaults: [schema, _self_]`), so OmegaConf rejects an unknown key or a
-value of the wrong type while Hydra composes the config. `TrainerConfig` holds the loop's defaults and their
-comments (its YAML files only override them); `CheckpointConfig` holds types, its values live in the YAML. `validate` adds the range checks and `precheck` turns Hydra's composition errors into
-the one-line `error: <what> (<key>): <fix>` before anything is built or written.
+Every group whose keys lab defines has a structured-config schema here: its defaults are the defaults (a YAML file
+that extends it with `defaults: [schema, _self_]` only overrides them) and each field's value range sits next to
+it (`ranged`), checked by one function, `check_schema`. OmegaConf rejects an unknown key or a value of the wrong
+type while Hydra composes the config; `precheck` turns that into the one-line `error: <what> (<key>): <fix>`
+before anything is built or written, and `validate` adds the ranges and the checks that span keys.
+This module imports no other lab module but `lab.errors`: it runs before anything is built.
 """
 
 from __future__ import annotations
 
-import re
 import signal
-from dataclasses import dataclass, field
+import typing
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional  # noqa: UP035  (OmegaConf reads these at runtime)
+from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf reads these at runtime)
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from lab.errors import UserError
+from lab.errors import UserError, user_error_in
 
 PRECISIONS = ("32", "bf16", "bf16-mixed", "16-mixed")
 MODES = ("min", "max")
 NAN_POLICIES = ("stop", "skip")
+EXPORT_FORMATS = ("state_dict", "safetensors", "onnx")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # `_target_` prefixes of library classes: their rejection of a config value is the user's to fix (one line);
-# an exception raised in any other code (lab's, yours) keeps its traceback.
+# an exception raised in any other code (yours) keeps its traceback.
 LIBRARIES = ("torch.", "torchvision.", "torchmetrics.", "sklearn.")
+
+
+# ---- Value ranges, next to the field --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """What a value must be beyond its type (`ok`), in words that complete "must be ..." (`want`)."""
+
+    ok: Callable[[Any], bool]
+    want: str
+    example: str = ""
+
+
+def ranged(default: Any, rule: Range) -> Any:
+    """A dataclass field with a default and a value range (null always passes: the type says if it may be null)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"range": rule})
+    return field(default=default, metadata={"range": rule})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def one_of(*allowed: str) -> Range:
+    return Range(lambda v: str(v) in allowed, f"one of {', '.join(allowed)}", allowed[0])
+
+
+def each_of(*allowed: str) -> Range:
+    return Range(lambda v: all(str(x) in allowed for x in v), f"a list of {', '.join(allowed)}",
+                 f"[{','.join(allowed[:2])}]")  # fmt: skip
+
+
+POSITIVE = Range(lambda v: v > 0, "> 0", "1")
+AT_LEAST_ZERO = Range(lambda v: v >= 0, ">= 0", "0")
+FRACTION = Range(lambda v: 0 < v < 1, "a number in (0, 1)", "0.1")
+UNIT_INTERVAL = Range(lambda v: 0 < v <= 1, "a number in (0, 1]", "0.5")
+# Learning rates above 1 make every optimizer lab ships diverge (loss growing for the whole run).
+LEARNING_RATE = Range(lambda v: _number(v) and 0 < v <= 1, "a learning rate in (0, 1]", "0.001")
+IMAGE_SIZE = Range(lambda v: 0 < v <= 4096, "1..4096 pixels", "224")
+BATCH_LIMIT = Range(lambda v: (_integer(v) and v > 0) or (isinstance(v, float) and 0 < v <= 1),
+                    "null, an integer > 0 or a fraction in (0, 1]", "0.25")  # fmt: skip
+VAL_INTERVAL = Range(BATCH_LIMIT.ok, "null, an integer > 0 (optimizer steps) or a fraction in (0, 1] of an epoch",
+                     "0.25")  # fmt: skip
+SIGNALS = Range(lambda v: all(str(s).startswith("SIG") and hasattr(signal, str(s)) for s in v),
+                "a list of signal names", "[SIGINT,SIGTERM,SIGUSR1]")  # fmt: skip
 
 
 def parse_duration(value: Any) -> float | None:
     """`trainer.max_time`: null, seconds, or "[[DD:]HH:]MM:SS" → seconds (ValueError for anything else)."""
     if value is None:
         return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, str):
         parts = value.split(":")
         if len(parts) > 4:
-            raise ValueError(f"{value!r} has more than four fields")
+            raise ValueError(f"more than DD:HH:MM:SS: {value!r}")
         return sum(
             float(part) * unit for part, unit in zip(reversed(parts), (1, 60, 3600, 86400), strict=False)
         )
     return float(value)
 
 
+def _duration_ok(value: Any) -> bool:
+    try:
+        return parse_duration(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+DURATION = Range(_duration_ok, "null, seconds > 0 or [[DD:]HH:]MM:SS", "00:03:50:00")
+
+
+# ---- Schemas: the defaults, the types, the ranges ---------------------------------------------------------------
 # Optional[...] rather than `X | None`: OmegaConf reads the annotations at runtime (Python 3.10 has no `X | None`
 # for it under `from __future__ import annotations`).
+
+
 @dataclass
 class TrainerConfig:
-    """The loop's settings (`conf/trainer/*.yaml` only override these defaults); also `Trainer(config=...)`."""
+    """`trainer`: the loop. → src/lab/trainer.py, conf/trainer/*.yaml"""
 
-    max_epochs: int = 10
-    # Stop after this many optimizer steps (validated, checkpointed; also mid-epoch).
-    max_steps: Optional[int] = None  # noqa: UP045
-    # Seconds or "[[DD:]HH:]MM:SS" of training in this process: stop mid-epoch with last.pt written (resumable).
-    max_time: Any = None
+    max_epochs: int = ranged(10, POSITIVE)
+    max_steps: Optional[int] = ranged(None, POSITIVE)  # noqa: UP045  stop after this many optimizer steps
+    max_time: Any = ranged(None, DURATION)  # seconds or [[DD:]HH:]MM:SS of training in this process
     # Validate within epochs too: an int every N optimizer steps of each epoch, a float at every that fraction of
     # an epoch's optimizer steps (0.25: after 1/4, 1/2, 3/4 of them, and at the end); with or without accumulation.
-    val_check_interval: Any = None
-    check_val_every_n_epoch: int = 1  # validate at the end of every N-th epoch (and the last)
+    val_check_interval: Any = ranged(None, VAL_INTERVAL)
+    check_val_every_n_epoch: int = ranged(1, POSITIVE)
     device: str = "auto"  # auto (cuda → mps → cpu) | cpu | cuda | cuda:N | mps
-    seed: Optional[int] = 42  # noqa: UP045  seeds python, numpy and torch (and the data order)
-    deterministic: bool = False  # true: deterministic algorithms, identical metrics on re-run
-    # 32 | bf16 | bf16-mixed | 16-mixed (autocast; 16-mixed adds a GradScaler, CUDA only).
-    precision: str = "32"
-    compile: bool = False  # torch.compile what runs (checkpoints keep the plain state_dict)
-    channels_last: bool = False  # NHWC memory format for conv nets on GPU
+    seed: Optional[int] = ranged(42, AT_LEAST_ZERO)  # noqa: UP045
+    deterministic: bool = False
+    precision: str = ranged("32", one_of(*PRECISIONS))
+    compile: bool = False
+    channels_last: bool = False
     # An optimizer step every N batches; a shorter last window of an epoch is averaged over the batches it holds.
-    accumulate_grad_batches: int = 1
-    # auto: DistributedDataParallel when started by torchrun (WORLD_SIZE > 1) | ddp: require it.
-    strategy: str = "auto"
-    gradient_clip_val: Optional[float] = None  # noqa: UP045  clip the global gradient norm to this value
-    log_every_n_steps: int = 10  # logging (the only host-device synchronisation) every N optimizer steps
-    # null: all; int: that many batches; float: that fraction (Any: OmegaConf has no Union).
-    limit_train_batches: Any = None
-    limit_val_batches: Any = None
-    limit_test_batches: Any = None
-    # stop: a NaN/Inf loss ends the run (exit 3), no checkpoint written | skip: skip that optimizer step.
-    nan_policy: str = "stop"
-    progress_bar: bool = True  # tqdm bar per epoch
-    # Finish the step, write last.pt, exit 128+signal; SLURM: add SIGUSR1 (sbatch --signal=USR1@120) or SIGUSR2.
-    stop_signals: List[str] = field(default_factory=lambda: ["SIGINT", "SIGTERM"])  # noqa: UP006
+    accumulate_grad_batches: int = ranged(1, POSITIVE)
+    strategy: str = ranged("auto", one_of("auto", "ddp"))
+    gradient_clip_val: Optional[float] = ranged(None, POSITIVE)  # noqa: UP045
+    log_every_n_steps: int = ranged(10, POSITIVE)
+    limit_train_batches: Any = ranged(None, BATCH_LIMIT)  # null, an int (batches) or a float (fraction)
+    limit_val_batches: Any = ranged(None, BATCH_LIMIT)
+    limit_test_batches: Any = ranged(None, BATCH_LIMIT)
+    nan_policy: str = ranged("stop", one_of(*NAN_POLICIES))
+    progress_bar: bool = True
+    stop_signals: List[str] = ranged(["SIGINT", "SIGTERM"], SIGNALS)  # noqa: UP006
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
     find_unused_parameters: bool = False  # DDP: true if some parameters get no gradient in a step (slower)
 
 
 @dataclass
 class CheckpointConfig:
-    dirpath: Optional[str] = MISSING  # noqa: UP045
-    monitor: str = MISSING
-    mode: str = MISSING
-    save_last: bool = MISSING
-    save_top_k: int = MISSING
-    every_n_epochs: int = MISSING
-    every_n_steps: Optional[int] = MISSING  # noqa: UP045
-    async_write: bool = MISSING
-    strict: bool = MISSING
-    save_frozen: bool = MISSING
+    """`checkpoint`: last.pt every epoch, best.pt by the monitored metric. → src/lab/checkpoint.py
+
+    `monitor`/`mode` also drive early stopping, ReduceLROnPlateau and sweeps.
+    """
+
+    dirpath: Optional[str] = "${paths.output_dir}/checkpoints"  # noqa: UP045
+    # Any metric the task logs: val/<name> or train/<name> (loss, acc, acc_top5, ...).
+    monitor: str = "val/acc"
+    mode: str = ranged("max", one_of(*MODES))
+    save_last: bool = True  # checkpoints/last.pt: the newest complete training state
+    # 0: no best.pt; 1: best.pt; k > 1: also keep the k best as epoch=NNN-<monitor>=<value>.pt
+    save_top_k: int = ranged(1, AT_LEAST_ZERO)
+    every_n_epochs: int = ranged(1, AT_LEAST_ZERO)  # write last.pt every N epochs
+    every_n_steps: Optional[int] = ranged(None, POSITIVE)  # noqa: UP045  also every N optimizer steps (mid-epoch)
+    # Write + fsync in a background thread while training goes on (false: in the loop).
+    async_write: bool = True
+    strict: bool = True  # false: load checkpoints whose keys only partly match the model (e.g. a new head)
+    save_frozen: bool = False  # false: a frozen backbone is stored as its weights' name + fingerprint (lean)
+
+
+@dataclass
+class PathsConfig:
+    """`paths`: where things live; relative paths are relative to the directory `python train.py` runs from."""
+
+    root_dir: str = "."
+    data_dir: str = "${paths.root_dir}/data"  # dataset cache (torchvision datasets download here)
+    log_dir: str = "${paths.root_dir}/outputs"  # every run and sweep folder goes under here
+    # This run's folder (hydra.run.dir / hydra.sweep.dir); null where Hydra runs no job (`--cfg job --resolve`).
+    output_dir: Optional[str] = "${hydra:runtime.output_dir}"  # noqa: UP045
+    feature_cache: Optional[str] = "${paths.log_dir}/cache/features"  # noqa: UP045  frozen-backbone features; null: off
+
+
+# `Dict[str, Any]` as a base lets a dataset add its own keys (OmegaConf calls this deprecated, and keeps it).
+warnings.filterwarnings("ignore", message="Class `DatasetConfig` subclasses `Dict`")
+
+
+@dataclass
+class DatasetConfig(Dict[str, Any]):  # noqa: UP006
+    """`dataset`: the keys every dataset has (a dataset adds its own: `source`, `image_size`, `num_features`, …).
+
+    → src/lab/data/__init__.py (splits, loaders)
+    """
+
+    name: str = MISSING
+    batch_size: int = ranged(64, POSITIVE)
+    val_fraction: float = ranged(0.1, FRACTION)  # of the training data, held out for validation
+    test_fraction: Optional[float] = ranged(0.2, FRACTION)  # noqa: UP045  held out when has_test_split is false
+    has_test_split: bool = False  # true: the source has its own test split (train=False)
+    split_seed: int = ranged(0, AT_LEAST_ZERO)  # the train/val/test split does not change with trainer.seed
+    num_workers: Optional[int] = ranged(None, AT_LEAST_ZERO)  # noqa: UP045  DataLoader workers; null: CPUs - 1 (≤ 8)
+    prefetch_factor: Optional[int] = ranged(None, POSITIVE)  # noqa: UP045  batches a worker loads ahead; null: 2
+    in_memory: bool = True  # whole split as one tensor on the device, batches by index (fast path)
+
+
+@dataclass
+class ImageInputs:
+    """Keys of image datasets (checked where present, not added to other datasets)."""
+
+    channels: int = ranged(1, POSITIVE)
+    image_size: int = ranged(28, IMAGE_SIZE)
+
+
+@dataclass
+class TrainImages:
+    enabled: bool = True
+    count: int = ranged(32, POSITIVE)
+
+
+@dataclass
+class Histograms:
+    enabled: bool = True
+    every_n_steps: int = ranged(200, POSITIVE)
+
+
+@dataclass
+class Predictions:
+    enabled: bool = False
+    every_n_epochs: int = ranged(1, POSITIVE)
+    count: int = ranged(16, POSITIVE)
+
+
+@dataclass
+class EveryNEpochs:
+    enabled: bool = False
+    every_n_epochs: Optional[int] = ranged(None, POSITIVE)  # noqa: UP045  null: only at the end of training
+
+
+@dataclass
+class Embedding:
+    enabled: bool = False
+    count: int = ranged(256, POSITIVE)
+
+
+@dataclass
+class MonitorConfig:
+    """`monitor`: what is logged besides the scalars, each with an on/off and a frequency. → src/lab/monitor.py"""
+
+    graph: bool = True  # the model graph, once at the start
+    train_images: TrainImages = field(default_factory=TrainImages)  # a grid of training images, at the start
+    histograms: Histograms = field(default_factory=Histograms)  # weights/<name>, grads/<name> after backward
+    predictions: Predictions = field(
+        default_factory=Predictions
+    )  # a fixed val batch, predicted vs. true class
+    confusion_matrix: EveryNEpochs = field(default_factory=EveryNEpochs)  # on each split in `stages`
+    pr_curves: EveryNEpochs = field(default_factory=lambda: EveryNEpochs(enabled=True))  # one curve per class
+    embedding: Embedding = field(default_factory=Embedding)  # penultimate features of val images, at the end
+    stages: List[str] = ranged(["val", "test"], each_of("val", "test", "train"))  # noqa: UP006
+
+
+@dataclass
+class OptimizerOptions:
+    """lab's own keys of `optimizer` (the others are the torch class's arguments, checked against it)."""
+
+    lr: float = ranged(0.001, LEARNING_RATE)
+    no_weight_decay: bool = False
+    layer_decay: Optional[float] = ranged(None, UNIT_INTERVAL)  # noqa: UP045
+
+
+@dataclass
+class SchedulerOptions:
+    """lab's own keys of `scheduler` (the others are the torch class's arguments, checked against it)."""
+
+    interval: str = ranged("epoch", one_of("epoch", "step"))  # when the scheduler steps
+    warmup_steps: int = ranged(0, AT_LEAST_ZERO)  # linear warm-up from lr/warmup_steps over this many steps
+    monitor: Optional[str] = None  # noqa: UP045  ReduceLROnPlateau's metric
+
+
+# Group → schema. Registered ones are the base of their YAML files (`defaults: [schema, _self_]`); all are
+# checked by `check_schema` on the composed config.
+REGISTERED = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "paths": PathsConfig,
+              "dataset": DatasetConfig, "monitor": MonitorConfig}  # fmt: skip
+CHECKED = {**REGISTERED, "optimizer": OptimizerOptions, "scheduler": SchedulerOptions}
 
 
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(group="trainer", name="schema", node=TrainerConfig)
-    store.store(group="checkpoint", name="schema", node=CheckpointConfig)
+    for group, schema in REGISTERED.items():
+        store.store(group=group, name="schema", node=schema)
+
+
+def check_schema(node: DictConfig, schema: type, key: str) -> None:
+    """`node`'s keys that `schema` has: of its types (for a node that is not typed already) and in its ranges."""
+    hints = typing.get_type_hints(schema)
+    known = {f.name: f for f in fields(schema) if f.name in node}
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), {name: node[name] for name in known})
+    except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
+        if (cause := user_error_in(e)) is not None:  # raised by a resolver while reading a value
+            raise cause from None
+        name = getattr(e, "full_key", "") or ""
+        raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
+                        "give a value of the type the key takes") from None  # fmt: skip
+    for name, f in known.items():
+        value = node[name]
+        if isinstance(value, DictConfig) and isinstance(hints.get(name), type):
+            check_schema(value, hints[name], f"{key}.{name}")
+        rule = f.metadata.get("range")
+        if rule is not None and value is not None and not rule.ok(value):
+            shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+            raise UserError(f"must be {rule.want}, got {shown!r}", f"{key}.{name}",
+                            f"set e.g. {key}.{name}={rule.example}")  # fmt: skip
+
+
+# ---- Building objects from the config -------------------------------------------------------------------------
 
 
 def build(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
     """`instantiate(node)` (called with `args` when it is a `_partial_`) before training starts.
 
-    A library class that rejects a value from the config (`torch.optim.AdamW(betas=...)`, a scheduler's
-    `T_max=abc`, an unknown argument) is a `UserError` naming `key` and the library's own message; an exception
-    raised by your own class keeps its traceback.
+    Every `_target_` under `node` is first checked against its class's signature (`check_arguments`). A library
+    class that rejects a value (`torch.optim.AdamW(betas=...)`, a scheduler's `T_max=abc`) is a `UserError` naming
+    `key` and the library's own message; an exception raised by any other class (yours) is raised as it was, with
+    its traceback, not inside Hydra's `InstantiationException`.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     target = str(node.get("_target_", ""))
-    for sub_key, sub_node in library_nodes(node, key):
+    for sub_key, sub_node in target_nodes(node, key):
         check_arguments(sub_node, sub_key)
     try:
         obj = instantiate(node, **kwargs)
         return obj(*args) if args else obj
     except InstantiationException as e:
-        if isinstance(e.__cause__, UserError):
-            raise e.__cause__ from None
-        # "Error in call to target 'torch.nn.modules.loss.CrossEntropyLoss': ..." names the class that failed.
-        failed = re.findall(r"target '([^']+)'", str(e))
-        failed_target = failed[-1] if failed else target
-        if not failed_target.startswith(LIBRARIES) and e.__cause__ is not None:
-            raise
-        cause = e.__cause__ or e
-        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise UserError(
-            f"{failed_target} rejected the config: {message}", key, f"fix the values under {key}"
-        ) from None
+        cause = e.__cause__
+        if cause is None:  # Hydra's own complaint (e.g. a `_target_` that does not import)
+            raise UserError(str(e).splitlines()[0], key, f"fix {key}._target_") from None
+        if isinstance(cause, UserError) or not _from_library(cause):
+            raise cause from None  # yours: with its own traceback
+        raise library_error(cause, key) from None
     except (
         ValueError,
         TypeError,
@@ -143,28 +349,50 @@ def build(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
         raise UserError(f"{target} rejected the config: {e}", key, f"fix the values under {key}") from None
 
 
-def library_nodes(node: Any, key: str) -> list[tuple[str, DictConfig]]:
-    """(key, node) of every node under `node` (itself included) whose `_target_` is a library class."""
+def _from_library(error: BaseException) -> bool:
+    """Whether `error` was raised in a library class's code (the innermost frame below Hydra's is a library's)."""
+    import traceback
+
+    frames = [f.filename for f in traceback.extract_tb(error.__traceback__)]
+    ours = [name for name in frames if "/hydra/" not in name]
+    if not ours:
+        return True
+    innermost_call = ours[0]  # the frame Hydra called: the class's own __init__
+    return any(f"/{lib.rstrip('.')}/" in innermost_call for lib in LIBRARIES)
+
+
+def library_error(error: BaseException, key: str, target: str = "") -> UserError:
+    """One line for what a library class raised about a value from the config under `key`."""
+    message = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+    return UserError(f"{target} rejected the config: {message}" if target else message, key,
+                     f"fix the values under {key}")  # fmt: skip
+
+
+def target_nodes(node: Any, key: str) -> list[tuple[str, DictConfig]]:
+    """(key, node) of every node under `node` (itself included) that has a `_target_`."""
     if not isinstance(node, DictConfig):
         return []
-    found = [(key, node)] if str(node.get("_target_", "")).startswith(LIBRARIES) else []
+    found = [(key, node)] if node.get("_target_") else []
     for name in node:
-        found += library_nodes(node.get(name), f"{key}.{name}")
+        found += target_nodes(node.get(name), f"{key}.{name}")
     return found
 
 
 def check_arguments(node: DictConfig, key: str) -> None:
-    """The config's arguments against the library class's signature: unknown names, and values that are not of
-    a plain annotated type (int, float, bool, str), which some classes only notice at their first step."""
+    """The config's arguments against the class's signature: unknown names, and values that are not of a plain
+    annotated type (int, float, bool, str), which some classes only notice at their first step."""
     import inspect
-    import typing
 
     from hydra.utils import get_object
 
     try:
         target = get_object(str(node._target_))
+    except Exception as e:
+        raise UserError(f"cannot import {node._target_} ({type(e).__name__})", f"{key}._target_",
+                        "give the full dotted name of a class or function") from None  # fmt: skip
+    try:
         signature = inspect.signature(target)
-    except Exception:  # no signature to check against: instantiate reports what it finds
+    except (TypeError, ValueError):  # no signature to check against: instantiate reports what it finds
         return
     try:
         hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
@@ -188,214 +416,160 @@ def check_arguments(node: DictConfig, key: str) -> None:
 
 def _fits(value: Any, expected: type) -> bool:
     if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return _number(value)
     if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _integer(value)
     return isinstance(value, expected)
 
 
-def get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    return OmegaConf.select(cfg, key, default=default)
-
-
-def positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> int:
-    value = get(cfg, key)
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise UserError(f"must be an integer {bound}, got {value!r}", key, f"set {key}=<integer {bound}>")
-    return value
-
-
-def number_in(cfg: DictConfig, key: str, low: float, high: float, why: str = "") -> float:
-    """A number in (low, high]."""
-    value = get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-        raise UserError(f"must be a number in ({low:g}, {high:g}]{why}, got {value!r}", key,
-                        f"set {key}=<number in ({low:g}, {high:g}]>")  # fmt: skip
-    return float(value)
-
-
-def fraction(cfg: DictConfig, key: str) -> float:
-    value = get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise UserError(f"must be a number in (0, 1), got {value!r}", key, f"set e.g. {key}=0.1")
-    return float(value)
-
-
-def choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> str:
-    value = str(get(cfg, key))
-    if value not in allowed:
-        raise UserError(f"unknown value {value!r}", key, f"use one of {', '.join(allowed)}")
-    return value
-
-
-def batch_limit(cfg: DictConfig, key: str) -> None:
-    """`limit_*_batches`: null (all), an int > 0 (that many batches) or a float in (0, 1] (that fraction)."""
-    value = get(cfg, key)
-    if value is None:
-        return
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or (isinstance(value, int) and value <= 0) or (isinstance(value, float) and not 0 < value <= 1):
-        raise UserError(f"must be null, an integer > 0 or a fraction in (0, 1], got {value!r}", key)
-
-
-def loop_options(cfg: DictConfig) -> None:
-    """`trainer.val_check_interval`, `check_val_every_n_epoch`, `max_steps`, `max_time`."""
-    interval = get(cfg, "trainer.val_check_interval")
-    if interval is not None:
-        bad = isinstance(interval, bool) or not isinstance(interval, (int, float))
-        if (
-            bad
-            or (isinstance(interval, int) and interval <= 0)
-            or (isinstance(interval, float) and not 0 < interval <= 1)
-        ):
-            raise UserError(f"must be null, an integer > 0 (optimizer steps) or a fraction in (0, 1] of an epoch, got "
-                            f"{interval!r}", "trainer.val_check_interval", "set e.g. trainer.val_check_interval=0.25")  # fmt: skip
-    positive_int(cfg, "trainer.check_val_every_n_epoch")
-    if get(cfg, "trainer.max_steps") is not None:
-        positive_int(cfg, "trainer.max_steps")
-    max_time = get(cfg, "trainer.max_time")
-    if max_time is not None:
-        try:
-            ok = parse_duration(max_time) > 0 and not isinstance(max_time, bool)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UserError(f"must be null, seconds > 0 or [[DD:]HH:]MM:SS, got {max_time!r}", "trainer.max_time",
-                            "set e.g. trainer.max_time=00:03:50:00 (3 h 50 min)")  # fmt: skip
+# ---- Checks on the composed config ----------------------------------------------------------------------------
 
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash (or silently misbehave) minutes into training."""
-    positive_int(cfg, "dataset.batch_size")
-    if get(cfg, "dataset.num_workers") is not None:  # null: from the CPU count
-        positive_int(cfg, "dataset.num_workers", allow_zero=True)
-    fraction(cfg, "dataset.val_fraction")
-    if get(cfg, "dataset.test_fraction") is not None:
-        fraction(cfg, "dataset.test_fraction")
-    if get(cfg, "dataset.image_size") is not None:
-        positive_int(cfg, "dataset.image_size")
-        number_in(cfg, "dataset.image_size", 0, 4096, " pixels")  # 1..4096 with the line above
-        positive_int(cfg, "dataset.channels")
-    # Learning rates above 1 make every optimizer lab ships diverge (loss growing for the whole run).
-    number_in(cfg, "optimizer.lr", 0, 1, " (a learning rate)")
-    positive_int(cfg, "trainer.max_epochs")
-    positive_int(cfg, "trainer.log_every_n_steps")
-    positive_int(cfg, "trainer.accumulate_grad_batches")
-    if get(cfg, "trainer.seed") is not None:
-        positive_int(cfg, "trainer.seed", allow_zero=True)
-    if get(cfg, "trainer.gradient_clip_val") is not None:
-        number_in(cfg, "trainer.gradient_clip_val", 0, float("inf"))
-    if get(cfg, "callbacks.early_stopping.patience") is not None:
-        positive_int(cfg, "callbacks.early_stopping.patience")
-    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches"):
-        batch_limit(cfg, key)
-    loop_options(cfg)
-    choice(cfg, "trainer.precision", PRECISIONS)
-    choice(cfg, "trainer.nan_policy", NAN_POLICIES)
-    signals = get(cfg, "trainer.stop_signals") or []
-    unknown = [name for name in signals if not str(name).startswith("SIG") or not hasattr(signal, str(name))]
-    if unknown:
-        raise UserError(
-            f"unknown signal {unknown[0]!r}", "trainer.stop_signals", "use e.g. [SIGINT,SIGTERM,SIGUSR1]"
-        )
-    choice(cfg, "checkpoint.mode", MODES)
-    for key in ("checkpoint.save_top_k", "checkpoint.every_n_epochs"):
-        positive_int(cfg, key, allow_zero=True)
-    if get(cfg, "checkpoint.every_n_steps") is not None:
-        positive_int(cfg, "checkpoint.every_n_steps")
-    ckpt_path = get(cfg, "ckpt_path")
+    for group, schema in CHECKED.items():
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            check_schema(node, schema, group)
+    check_schema(cfg.dataset, ImageInputs, "dataset")
+    export = cfg.get("export")
+    if export is not None and not (isinstance(export, ListConfig) and each_of(*EXPORT_FORMATS).ok(export)):
+        raise UserError(f"unknown export format in {export}", "export",
+                        f"use a list of {', '.join(EXPORT_FORMATS)}, e.g. export=[state_dict,onnx]")  # fmt: skip
+    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
+    if patience is not None and not (_integer(patience) and patience > 0):
+        raise UserError(f"must be null or an integer > 0, got {patience!r}", "callbacks.early_stopping.patience",
+                        "set e.g. callbacks.early_stopping.patience=5")  # fmt: skip
+    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        from lab.checkpoint import load
-
-        load(ckpt_path)  # raises the UserError that says what is wrong with the path
-    if not get(cfg, "train") and not get(cfg, "test"):
+        what = (
+            "is a directory, not a checkpoint file"
+            if Path(str(ckpt_path)).is_dir()
+            else "checkpoint file not found"
+        )
+        raise UserError(
+            what, f"ckpt_path={ckpt_path}", "give the path of a .pt file, e.g. <run dir>/checkpoints/last.pt"
+        )
+    if not cfg.get("train") and not cfg.get("test"):
         raise UserError("nothing to do", "train=false test=false", "set train=true and/or test=true")
-    if not get(cfg, "train") and ckpt_path is None:
+    if not cfg.get("train") and ckpt_path is None:
         raise UserError(
             "evaluation needs a checkpoint", "ckpt_path", "set ckpt_path=<path to best.pt or last.pt>"
         )
+    if cfg.paths.output_dir is not None:
+        creatable(cfg.paths.output_dir, "paths.output_dir")
+
+
+def creatable(directory: str, key: str) -> None:
+    """Create `directory` (and its parents) now, so that a path that cannot exist is one line, not a traceback."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {directory} ({e.strerror or type(e).__name__})", key,
+                        "choose a folder you can write to") from None  # fmt: skip
 
 
 def check_monitor(
-    monitor: str,
-    metric_names: list[str],
-    stages: list[str] = ("val", "train"),
+    monitor: str, metric_names: Sequence[str], stages: Sequence[str] = ("val", "train"),
     key: str = "checkpoint.monitor",
-) -> None:
-    """`key` (`checkpoint.monitor`, a callback's monitor) must be a metric the task logs every epoch (train or val
-    stage, val_ema with EMA)."""
+) -> None:  # fmt: skip
+    """A monitored metric (`checkpoint.monitor`, a callback's or scheduler's `monitor`) must be one the task logs
+    every epoch (train or val stage, val_ema with EMA)."""
     allowed = [f"{stage}/{name}" for stage in stages for name in metric_names]
     if monitor not in allowed:
         raise UserError(f"{monitor!r} is not a metric this task logs each epoch", key,
                         f"use one of {', '.join(allowed)}")  # fmt: skip
 
 
+def monitors(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, metric) of every monitor the config sets: the checkpoint's, each callback's, the scheduler's."""
+    found = [("checkpoint.monitor", cfg.checkpoint.monitor)]
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if isinstance(node, DictConfig) and node.get("monitor") is not None:
+            found.append((f"callbacks.{name}.monitor", node.monitor))
+    if OmegaConf.select(cfg, "scheduler._target_") and OmegaConf.select(cfg, "scheduler.monitor") is not None:
+        found.append(("scheduler.monitor", cfg.scheduler.monitor))
+    return found
+
+
+# ---- Composition errors, before Hydra starts ------------------------------------------------------------------
+
 # Command-line flags of Hydra's that take a value (everything else starting with "-" stands alone).
 _FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun")
 _OWN_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
 
-def precheck(argv: list[str]) -> None:
-    """Compose the config the way `python train.py <argv>` will and fail with one line on what Hydra rejects.
-
-    Hydra reports an unknown key, a value of the wrong type or an unknown option as a multi-line message; this
-    turns them into `error: <what> (<key>): <fix>` (exit 2) before Hydra starts. Sweep values (`-m a=1,2`) are
-    left to the sweeper: only the other overrides are checked then.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if any(arg.split("=")[0] in _OWN_CONFIG_FLAGS for arg in argv):
-        return  # another config dir or name: Hydra reports on it itself
+def overrides_of(argv: Sequence[str]) -> list[str]:
+    """The `key=value` overrides of a `train.py` command line (Hydra's flags left out)."""
     overrides, skip = [], False
     for arg in argv:
         if skip or arg.startswith("-"):
             skip = arg in _FLAGS_WITH_VALUE and not skip
             continue
         overrides.append(arg)
+    return overrides
+
+
+def precheck(argv: Sequence[str]) -> None:
+    """Compose the config the way `python train.py <argv>` will and fail with one line on what Hydra rejects.
+
+    Sweep values (`-m a=1,2`) are left to the sweeper: only the other overrides are checked then.
+    """
+    if any(arg.split("=")[0] in _OWN_CONFIG_FLAGS for arg in argv):
+        return  # another config dir or name: Hydra reports on it itself
+    compose_train(overrides_of(argv), single_only=True)
+
+
+def compose_train(
+    overrides: Sequence[str], single_only: bool = False, return_hydra_config: bool = False
+) -> Any:
+    """`conf/train.yaml` composed with `overrides`; what Hydra rejects is one `UserError`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        single = [o.input_line for o in parsed if not o.is_sweep_override()]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose("train", overrides=single)
-    except Exception as e:  # everything composing raises is about the config or the command line
-        raise composition_error(e) from None
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as e:  # a syntax error in an override
+        raise UserError(str(e).strip().splitlines()[0], "command line",
+                        "check the override's spelling (see docs/configuration.md)") from None  # fmt: skip
+    chosen = [o.input_line for o in parsed if not (single_only and o.is_sweep_override())]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            return compose("train", overrides=chosen, return_hydra_config=return_hydra_config)
+        except Exception as e:  # everything composing raises is about the config or the command line
+            loader = GlobalHydra.instance().config_loader()
+            raise composition_error(e, parsed, loader) from None
 
 
-def composition_error(error: BaseException) -> UserError:
-    """One line for an error Hydra/OmegaConf raised while composing the config."""
+def composition_error(error: BaseException, overrides: Sequence[Any], loader: Any) -> UserError:
+    """One line for an error Hydra/OmegaConf raised while composing the config, from the exception's fields (the
+    missing option, the node that has no such key) and Hydra's config repository, never its message text."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-    cause: BaseException = error
-    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__
-    text = str(error).strip()
-    found = re.search(r"Could not find '([^']+)'", text)
-    if isinstance(error, MissingConfigException) or found:
-        # "In 'train': Could not find 'model/nope'  Available options in 'model': <one a line>  Config search path:"
-        group, _, option = (found.group(1) if found else text).rpartition("/")
-        listed = (
-            text.split("Available options in", 1)[-1].split("Config search path")[0]
-            if "Available" in text
-            else ""
-        )
-        options = [line.strip() for line in listed.splitlines()[1:] if line.strip()]
-        return UserError(f"unknown option {option!r}", group,
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        options = error.options or loader.get_group_options(group)
+        return UserError(f"unknown option {option!r}", group or "config",
                          f"use one of {', '.join(options)}" if options else "")  # fmt: skip
-    chosen = re.search(r"Multiple values for ([\w/]+)", text)
-    if chosen:  # `+dataset=mnist` where the defaults already choose a dataset
-        group = chosen.group(1)
-        return UserError(
-            f"{group} is chosen already by the defaults", group, f"use {group}=<option>, without +"
-        )
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if cause is None:
+        for o in overrides:  # `+dataset=mnist` where the defaults already choose a dataset
+            group = o.get_key_element().lstrip("+")
+            if o.is_add() and loader.get_group_options(group):
+                return UserError(f"{group} is chosen already by the defaults", group,
+                                 f"use {group}=<option>, without +")  # fmt: skip
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return UserError(message, "command line", "check the override's spelling (see docs/configuration.md)")
     key = getattr(cause, "full_key", None) or ""
     message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
         parent, _, name = key.rpartition(".")
-        known = _keys_under(parent)
+        node = cause.parent_node  # the chosen option's node: its keys are the ones there are
+        known = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
         return UserError(f"unknown key {name!r}", key,
                          f"{parent or 'the config'} has {', '.join(known)}" if known else "")  # fmt: skip
     if isinstance(cause, ValidationError):
@@ -403,14 +577,3 @@ def composition_error(error: BaseException) -> UserError:
     return UserError(
         message, key or "command line", "check the override's spelling (see docs/configuration.md)"
     )
-
-
-def _keys_under(parent: str) -> list[str]:
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            node = OmegaConf.select(compose("train"), parent) if parent else compose("train")
-        return sorted(node.keys()) if isinstance(node, DictConfig) else []
-    except Exception:
-        return []

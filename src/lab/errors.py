@@ -23,3 +23,12 @@ class UserError(Exception):
         """For code that runs outside `lab.train.main` (before or around Hydra): the line, then exit 2."""
         print(self.line(), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError `error` is or wraps: one raised inside a config resolver (e.g. `${weights_meta:...}`) arrives
+    inside OmegaConf's own exception."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__ or cause.__context__
+    return cause

@@ -24,11 +24,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lab.config import EXPORT_FORMATS
 from lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("state_dict", "safetensors", "onnx")
+FORMATS = EXPORT_FORMATS
 # ONNX Runtime and PyTorch run different kernels: logits agree to this (float32, CPU).
 ONNX_ATOL, ONNX_RTOL = 1e-4, 1e-3
 

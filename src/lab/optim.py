@@ -91,11 +91,8 @@ def param_groups(
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # Types and ranges of lab's own keys: `OptimizerOptions` / `SchedulerOptions` in lab.config (validate).
     no_weight_decay, layer_decay = bool(cfg.get("no_weight_decay", False)), cfg.get("layer_decay")
-    if layer_decay is not None and (isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float))
-                                    or not 0 < layer_decay <= 1):  # fmt: skip
-        raise UserError(f"must be null or a number in (0, 1], got {layer_decay!r}", "optimizer.layer_decay",
-                        "set e.g. optimizer.layer_decay=0.75")  # fmt: skip
     groups = param_groups(model, cfg.get("weight_decay", 0.0) or 0.0, no_weight_decay, layer_decay)
     if not groups:
         raise UserError("the model has no trainable parameters", "model.freeze", "unfreeze at least the head")
@@ -148,11 +145,7 @@ def build_schedulers(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_st
     (`lab.trainer.optimizer_steps`: accumulation, `limit_train_batches` and `max_steps` counted)."""
     args = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in SCHEDULER_KEYS}
     interval = str(cfg.get("interval", "epoch"))
-    if interval not in ("epoch", "step"):
-        raise UserError(f"unknown value {interval!r}", "scheduler.interval", "use epoch or step")
     warmup_steps = int(cfg.get("warmup_steps") or 0)
-    if warmup_steps < 0:
-        raise UserError(f"must be >= 0, got {warmup_steps}", "scheduler.warmup_steps", "")
     main = None
     if args.get("_target_"):
         if "total_steps" in args and args["total_steps"] is None:  # OneCycleLR: known only now

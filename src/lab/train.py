@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lab.config import validate
-from lab.errors import EXIT_USER_ERROR, UserError
+from lab.errors import EXIT_USER_ERROR, UserError, user_error_in
 
 log = logging.getLogger("lab")
 
@@ -40,10 +40,7 @@ def main(cfg: DictConfig) -> float:
     except UserError as e:
         return _fail(cfg, e.line(), EXIT_USER_ERROR, status="failed")
     except OmegaConfBaseException as e:
-        # A UserError raised inside a config resolver, e.g. ${weights_meta:...}, arrives wrapped by OmegaConf.
-        cause = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__ or cause.__context__
+        cause = user_error_in(e)
         if cause is None:
             raise
         return _fail(cfg, cause.line(), EXIT_USER_ERROR, status="failed")
@@ -54,16 +51,35 @@ def main(cfg: DictConfig) -> float:
         sys.exit(128 + e.signum)
 
 
-def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
-    from lab.redact import scrub_text, secret_values
+def run_for_api(cfg: DictConfig) -> float:
+    """`run` for `lab.fit`: a user error is recorded in metrics.json as `main` records it, then raised."""
+    try:
+        return run(cfg)
+    except UserError as e:
+        record_failure(cfg, e.line(), "failed")
+        raise
+    except OmegaConfBaseException as e:
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        record_failure(cfg, cause.line(), "failed")
+        raise cause from None
 
-    line = scrub_text(line, secret_values())
-    print(line, file=sys.stderr, flush=True)
+
+def record_failure(cfg: DictConfig, line: str, status: str) -> None:
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
     metrics = Path(output_dir) / "metrics.json" if output_dir else None
     # Never clobber the metrics.json of a finished run.
     if metrics is not None and metrics.parent.is_dir() and not metrics.exists():
         write_json(metrics, {"status": status, "error": line})
+
+
+def _fail(cfg: DictConfig, line: str, code: int, status: str) -> float:
+    from lab.redact import scrub_text, secret_values
+
+    line = scrub_text(line, secret_values())
+    print(line, file=sys.stderr, flush=True)
+    record_failure(cfg, line, status)
     if _in_multirun():
         return math.nan  # the sweeper records a failed trial and the sweep goes on
     sys.exit(code)
@@ -213,8 +229,9 @@ def build(cfg: DictConfig) -> Job:
     from lab.callbacks import build_callbacks
     from lab.callbacks.early_stopping import EarlyStopping
     from lab.config import build as build_object
-    from lab.config import check_monitor
+    from lab.config import check_monitor, monitors
     from lab.data import build_data, build_loaders
+    from lab.dry_run import dry_run
     from lab.loggers import LoggerFanOut, build_loggers
     from lab.models import build_model
     from lab.optim import build_optimizer, build_schedulers
@@ -246,7 +263,8 @@ def build(cfg: DictConfig) -> Job:
     augment = build_augment(cfg, task, splits)
     ema = OmegaConf.select(cfg, "callbacks.ema.validate", default=False)  # val_ema/<metric> is logged too
     logged = ["val", "train", *(["val_ema"] if ema else [])]
-    check_monitor(cfg.checkpoint.monitor, task.metric_names(), logged)
+    for key, monitor in monitors(cfg):
+        check_monitor(monitor, task.metric_names(), logged, key)
     loaders = build_loaders(splits, cfg.dataset, device, cfg.trainer.seed, ddp.rank, ddp.world_size)
     if augment is not None:  # training batches only: validation and test stay as they are
         from lab.data.augment import AugmentedLoader
@@ -262,9 +280,9 @@ def build(cfg: DictConfig) -> Job:
         model.to(memory_format=torch.channels_last)
     head = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
-    schedulers = build_schedulers(
-        cfg.scheduler, optimizer, optimizer_steps(trainer_cfg, len(loaders["train"]))
-    )
+    total_steps = optimizer_steps(trainer_cfg, len(loaders["train"]))
+    schedulers = build_schedulers(cfg.scheduler, optimizer, total_steps)
+    dry_run(cfg, splits, model, task, optimizer, augment, mix, total_steps, device)
     checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     if not main_rank:
         checkpoint_cfg |= {"save_last": False, "save_top_k": 0}

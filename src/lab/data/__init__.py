@@ -93,7 +93,7 @@ def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
             isinstance(cause, RuntimeError) and any(w in str(cause).lower() for w in ("not found", "downloading"))
         )
         if not missing:
-            raise
+            raise (cause or e) from None  # your dataset's own error, with its traceback
         raise UserError(
             f"could not load {cfg.name} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})",
             f"dataset.source.root={root}",

@@ -158,26 +158,16 @@ class LoggerFanOut(Logger):
 
 def build_loggers(cfg: DictConfig | None) -> LoggerFanOut:
     """`cfg.logger` maps a name to a `_target_` config, e.g. `{tensorboard: {...}, csv: {...}}`."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
+    from lab.config import build
     from lab.errors import UserError
 
-    loggers = {}
-    for name, conf in (cfg or {}).items():
-        if conf is None:
-            continue
-        try:
-            logger = instantiate(conf)
-        except InstantiationException as e:  # a backend's own check (bad option, missing package): one line
-            if isinstance(e.__cause__, UserError):
-                raise e.__cause__ from None
-            raise
+    # A backend's own check (bad option, missing package) is one line; an unknown argument too.
+    loggers = {name: build(conf, f"logger.{name}") for name, conf in (cfg or {}).items() if conf is not None}
+    for name, logger in loggers.items():
         if not isinstance(logger, Logger):
             kind = f"{type(logger).__module__}.{type(logger).__qualname__}"
             raise UserError(f"{kind} is no lab.loggers.Logger", f"logger.{name}",
                             "subclass lab.loggers.Logger and override the methods your backend supports")  # fmt: skip
-        loggers[name] = logger
     return LoggerFanOut(loggers)
 
 

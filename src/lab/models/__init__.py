@@ -6,15 +6,7 @@ embeddings, feature caching and head replacement work the same way for all of th
 
 
 def build_model(cfg):
-    """`instantiate(cfg.model)`, letting a model's `UserError` through (Hydra wraps constructor errors)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    """`instantiate(cfg.model)` through `lab.config.build`: arguments checked, your model's errors with their traceback."""
+    from lab.config import build
 
-    from lab.errors import UserError
-
-    try:
-        return instantiate(cfg)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, UserError):
-            raise e.__cause__ from None
-        raise
+    return build(cfg, "model")
