@@ -268,6 +268,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches"):
         batch_limit(cfg, key)
     loop_options(cfg)
+    from lab.choices import check_choices
+
+    check_choices(cfg)  # a model or task that cannot work with the dataset
     choice(cfg, "trainer.precision", PRECISIONS)
     choice(cfg, "trainer.nan_policy", NAN_POLICIES)
     signals = get(cfg, "trainer.stop_signals") or []
