@@ -271,3 +271,32 @@ def test_a_hugging_face_table_from_local_files_trains(
     assert np.isfinite(run(cfg))
     with pytest.raises(UserError, match="needs all of it in memory"):  # standardising needs the whole table
         build_data(compose_config([*overrides, "dataset.in_memory=false"], tmp_path).dataset)
+
+
+class Rows(torch.utils.data.Dataset):
+    """A dataset read sample by sample (no `data` attribute); sample 7 has an infinite feature."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int):
+        x = torch.full((3,), float(index))
+        x[0] = float("inf") if index == 7 else x[0]
+        return x, index % 2
+
+
+def test_a_non_finite_sample_read_by_a_dataloader_is_one_line(tmp_path: Path) -> None:
+    from lab.data import SampleError
+
+    cfg = compose_config(["dataset=wine", "model=mlp", "dataset.source._target_=test_data.Rows", "~dataset.source.name",
+                          "dataset.in_memory=false", "dataset.standardize=false", "dataset.num_workers=0",
+                          "dataset.num_classes=2", "dataset.num_features=3"], tmp_path)  # fmt: skip
+    splits = build_data(cfg.dataset)
+    split = next(s for s in ("train", "val", "test") if 7 in getattr(splits, s).indices)
+    with pytest.raises(SampleError) as e:
+        for _ in build_loaders(splits, cfg.dataset, torch.device("cpu"), seed=0)[split]:
+            pass
+    assert (
+        e.value.line().startswith("error: non-finite input value")
+        and f"{split} split, sample 7" in e.value.line()
+    )

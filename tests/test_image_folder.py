@@ -23,7 +23,9 @@ def make_images(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("ca
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = np.clip(rng.normal(COLOURS.get(name, (128, 128, 128)), 40, size=(20 + i, 24, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(
+                rng.normal(COLOURS.get(name, (128, 128, 128)), 40, size=(20 + i, 24, 3)), 0, 255
+            ).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 

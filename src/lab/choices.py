@@ -91,7 +91,9 @@ def check_choices(cfg: DictConfig) -> None:
         try:
             OmegaConf.to_container(cfg[group], resolve=True)
         except InterpolationKeyError as e:
-            missing = str(e).split("'")[1] if "'" in str(e) else str(e)
+            missing = str(e).split("'")[1] if "'" in str(e) else ""
+            if not missing.startswith("dataset."):
+                raise  # a key missing elsewhere: Hydra's own message says which
             fix = f"choose a {group} for {kind}" + (" (model=mlp)" if table and group == "model" else "")
             raise UserError(
                 f"{group} needs {missing}, which {name} ({kind}) does not have", where(group), fix

@@ -169,11 +169,16 @@ def check_split(x: Tensor, y: Tensor, num_classes: int | None, split: str, name:
         )
 
 
-def check_class_names(names: Sequence[str], num_classes: int | None) -> None:
-    """`dataset.class_names` must name every class once (else predictions are mislabelled, or index past it)."""
-    if num_classes is not None and len(names) != num_classes:
+def check_class_names(names: Sequence[str], num_classes: int | None, given: bool = True) -> None:
+    """One name per class (else predictions are mislabelled, or index past the list): `given` names come from
+    `dataset.class_names`, the others from the dataset itself."""
+    if num_classes is None or len(names) == num_classes:
+        return
+    if given:
         raise UserError(f"{len(names)} class names for {num_classes} classes", "dataset.class_names",
                         f"give {num_classes} names, or dataset.class_names=null to take the dataset's")  # fmt: skip
+    raise UserError(f"the dataset has {len(names)} classes, the config {num_classes}", "dataset.num_classes",
+                    f"set dataset.num_classes={len(names)}, or name every class in dataset.class_names")  # fmt: skip
 
 
 def _place(seed: int, key: str) -> int:
@@ -225,9 +230,9 @@ def check_sizes(sizes: dict[str, int], name: str, where: str) -> None:
                         "add data, or raise dataset.test_fraction / dataset.val_fraction")  # fmt: skip
 
 
-class Preprocessed(Dataset):
-    """A dataset (or a split of it) whose samples are read as `__getitem__` returns them; a `SampleError` names
-    a sample with a non-finite value."""
+class SplitView(Dataset):
+    """One split of a dataset read sample by sample: the samples at `indices`, as its `__getitem__` returns them;
+    a non-finite value is a `SampleError` naming the split and the sample."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], split: str) -> None:
         self.dataset, self.indices, self.split = dataset, list(indices), split
@@ -258,7 +263,7 @@ def build_data(cfg: DictConfig) -> DataSplits:
     class_names = [
         str(c) for c in cfg.get("class_names") or getattr(source, "classes", None) or range(num_classes or 0)
     ]
-    check_class_names(class_names, num_classes)
+    check_class_names(class_names, num_classes, given=bool(cfg.get("class_names")) or not hasattr(source, "classes"))
     if not cfg.get("in_memory", False) and not (hasattr(source, "data") and hasattr(source, "targets")):
         return _streamed_splits(cfg, source, test_source, class_names)
 
@@ -322,17 +327,20 @@ def _streamed_splits(cfg: DictConfig, source: Dataset, test_source: Dataset | No
     keys = [str(sample[0]) for sample in source.samples] if hasattr(source, "samples") else None
     if test_source is not None:
         val_idx, train_idx = split_indices(len(source), [cfg.val_fraction], cfg.split_seed, labels, keys)
-        test = Preprocessed(test_source, range(len(test_source)), "test")
+        test = SplitView(test_source, range(len(test_source)), "test")
     else:
         test_idx, val_idx, train_idx = split_indices(
             len(source), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed, labels, keys
         )
-        test = Preprocessed(source, test_idx, "test")
-    train, val = Preprocessed(source, train_idx, "train"), Preprocessed(source, val_idx, "val")
+        test = SplitView(source, test_idx, "test")
+    train, val = SplitView(source, train_idx, "train"), SplitView(source, val_idx, "val")
     check_sizes({"train": len(train), "val": len(val), "test": len(test)}, cfg.name,
                 "dataset.test_fraction, dataset.val_fraction")  # fmt: skip
-    if labels is not None:
-        check_split(torch.empty(0), torch.tensor(labels), cfg.get("num_classes"), "train", cfg.name)
+    for split in (train, val, test):  # class indices, when the dataset lists them, without reading a sample
+        y = getattr(split.dataset, "targets", None)
+        if y is not None:
+            y = torch.as_tensor(y)[torch.as_tensor(split.indices, dtype=torch.long)]
+            check_split(torch.empty(0), y, cfg.get("num_classes"), split.split, cfg.name)
     transform = (
         Preprocess(cfg.image_size, cfg.channels, list(cfg.mean), list(cfg.std))
         if "image_size" in cfg
