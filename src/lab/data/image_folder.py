@@ -76,7 +76,7 @@ def open_image(path: str | Path, channels: int) -> Any:
             import numpy as np
 
             pixels = (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255)
-            image = Image.fromarray(pixels.astype(np.uint8), "L")
+            image = Image.fromarray(pixels.astype(np.uint8))  # 2-D uint8: mode "L"
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
