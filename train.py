@@ -2,11 +2,14 @@
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import lab  # noqa: F401  (registers the config resolvers)
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -25,6 +28,9 @@ if __name__ == "__main__":
     from lab.loggers.wandb import agent_argv
 
     sys.argv = agent_argv(sys.argv)  # under `wandb agent`: W&B's values as Hydra overrides (None → null ...)
+    from lab.choices import preferred_overrides
+
+    sys.argv += preferred_overrides(sys.argv[1:], CONF)  # dataset=diabetes → model=mlp task=regression
     try:
         precheck(sys.argv[1:])  # an unknown key, a wrong type or option: one line, before Hydra starts
     except UserError as e:

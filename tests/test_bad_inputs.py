@@ -57,8 +57,15 @@ CASES = [
     Case("ckpt_foreign", ("ckpt_path={d}/foreign.pt",), "foreign.pt"),
     Case("ckpt_pickled_object", ("ckpt_path={d}/pickled.pt",), "pickled.pt"),
     Case(
-        "ckpt_other_num_classes", ("ckpt_path={good}/checkpoints/last.pt", "dataset.num_classes=12"), "head."
+        "ckpt_other_num_classes",
+        (
+            "ckpt_path={good}/checkpoints/last.pt",
+            "dataset.num_classes=12",
+            "+dataset.class_names=[0,1,2,3,4,5,6,7,8,9,a,b]",
+        ),
+        "head.",
     ),
+    Case("num_classes_not_the_datasets", ("dataset.num_classes=12",), "dataset.num_classes=10"),
     Case("ckpt_other_model", ("ckpt_path={good}/checkpoints/last.pt", "model=mlp"), "last.pt"),
     Case("evaluate_without_ckpt", ("train=false",), "ckpt_path"),
     Case("nothing_to_do", ("train=false", "test=false"), "train=false"),

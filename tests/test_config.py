@@ -11,7 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lab.checkpoint import Checkpointer
+from lab.choices import preferred_overrides
 from lab.config import validate
+from lab.errors import UserError
 from lab.loggers import build_loggers
 from lab.optim import build_optimizer, build_schedulers
 
@@ -103,24 +105,100 @@ def test_trainer_options_validate(option: str, tmp_path: Path) -> None:
     validate(compose_config([f"trainer={option}"], tmp_path))
 
 
+def compose_in(conf: Path, overrides: list[str], output_dir: Path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def check_dataset_option(conf: Path, option: str, tmp_path: Path) -> None:
+    """`python train.py dataset=<option>` composes, brings a model and task that work with it, and resolves.
+
+    Nothing here knows an option by name: a dataset that reads files names them in `dataset.root` (a folder of
+    class folders) or `dataset.path` + `dataset.target` (a CSV file); those left null get a tiny stand-in."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    overrides = [f"dataset={option}"]
+    overrides += preferred_overrides(overrides, conf)
+    cfg = compose_in(conf, overrides, tmp_path)
+    if "root" in cfg.dataset and cfg.dataset.root is None:
+        for name in ("cat", "dog"):
+            (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+        overrides.append(f"dataset.root={tmp_path / 'images'}")
+    if "path" in cfg.dataset and cfg.dataset.path is None:
+        (tmp_path / "table.csv").write_text("a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n")
+        overrides += [f"dataset.path={tmp_path / 'table.csv'}", "dataset.target=label"]
+    cfg = compose_in(conf, overrides, tmp_path)
+    validate(cfg)  # with lab.choices.check_choices: the model and task work with this dataset
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved["task"]["input_shape"] == resolved["dataset"]["input_shape"]
+    if "image_size" in cfg.dataset:
+        assert len(cfg.dataset.mean) == len(cfg.dataset.std)
+
+
+def check_model_option(conf: Path, option: str, tmp_path: Path) -> None:
+    """`model=<option>` on the default dataset composes and validates, or is refused in one line naming both."""
+    cfg = compose_in(conf, [f"model={option}", "model.weights=null"] if "backbone/" in (
+        conf / "model" / f"{option}.yaml").read_text() else [f"model={option}"], tmp_path)  # fmt: skip
+    try:
+        validate(cfg)
+    except UserError as e:
+        assert "model" in e.where and "dataset" in e.where, e.line()
+
+
 @pytest.mark.parametrize("option", options("dataset"))
 def test_data_options_compose(option: str, tmp_path: Path) -> None:
-    overrides = [f"dataset={option}"]
-    if option == "image_folder":  # num_classes is counted from dataset.root's class folders
-        for name in ("cat", "dog"):
-            (tmp_path / "images" / name).mkdir(parents=True)
-        overrides.append(f"dataset.root={tmp_path / 'images'}")
-    if option == "diabetes":  # a table with a real-valued target
-        overrides += ["task=regression", "model=mlp"]
-    if option == "wine":  # a table with classes
-        overrides += ["model=mlp"]
-    cfg = compose_config(overrides, tmp_path)
-    validate(cfg)
-    if "image_size" in cfg.dataset:
-        assert cfg.dataset.num_classes > 1 and len(cfg.dataset.mean) == len(cfg.dataset.std)
-    else:
-        assert list(cfg.task.input_shape) == [cfg.dataset.num_features]
-        assert cfg.model.num_outputs == cfg.dataset.get("num_classes", 1)
+    check_dataset_option(CONF, option, tmp_path)
+
+
+USER_DATASET = """\
+defaults: [digits, _self_]
+source: {_target_: mypackage.data.Shapes, root: "${paths.data_dir}"}
+name: shapes
+num_classes: 4
+channels: 1
+image_size: 32
+mean: [0.5]
+std: [0.25]
+"""
+USER_TABLE = """\
+source: {_target_: mypackage.data.Prices}
+name: prices
+prefers: {model: mlp, task: regression}
+num_features: 5
+input_shape: ["${dataset.num_features}"]
+standardize: true
+has_test_split: false
+test_fraction: 0.2
+val_fraction: 0.15
+split_seed: 0
+batch_size: 16
+num_workers: null
+in_memory: true
+"""
+USER_MODEL = """\
+_target_: mypackage.models.TinyNet
+input_shape: ${dataset.input_shape}
+num_classes: ${dataset.num_classes}
+width: 64
+"""
+
+
+def test_a_users_new_dataset_and_model_yaml_compose_like_the_shipped_ones(tmp_path: Path) -> None:
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "dataset" / "shapes.yaml").write_text(USER_DATASET)
+    (conf / "dataset" / "prices.yaml").write_text(USER_TABLE)
+    (conf / "model" / "tiny_net.yaml").write_text(USER_MODEL)
+    for option in ("shapes", "prices"):  # what test_data_options_compose runs for each of conf/dataset/*.yaml
+        check_dataset_option(conf, option, tmp_path / f"d-{option}")
+    check_model_option(conf, "tiny_net", tmp_path / "m-tiny_net")
+    cfg = compose_in(conf, ["dataset=prices", "model=tiny_net", "task=regression"], tmp_path)
+    with pytest.raises(UserError) as e:  # an image-or-class model on a regression table: refused, naming both
+        validate(cfg)
+    assert "model" in e.value.where and "dataset" in e.value.where
 
 
 def test_experiment_and_debug_override_several_groups(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config
@@ -97,3 +98,37 @@ def test_concurrent_jobs_extract_once_and_never_see_half_a_file(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [
         next(tmp_path.glob("net-val-*.pt")).name
     ]
+
+
+def test_an_edited_or_moved_image_is_extracted_again(tmp_path: Path, extractions: list[int]) -> None:
+    """The key covers each file's path, label, size and modification time: the cache never serves stale data."""
+    from PIL import Image
+    from test_image_folder import make_images
+
+    root = make_images(tmp_path / "images", per_class=6)
+    cache = tmp_path / "cache"
+    args = [
+        *ARGS,
+        "dataset=image_folder",
+        f"dataset.root={root}",
+        "dataset.num_workers=0",
+        f"paths.feature_cache={cache}",
+    ]
+
+    def fresh_and_cached(name: str) -> tuple[float, float]:
+        """The run's result with the cache, and without it (the truth)."""
+        cached = run(compose_config(args, tmp_path / f"{name}-cached"))
+        plain = run(compose_config([*args, "paths.feature_cache=null"], tmp_path / f"{name}-plain"))
+        return cached, plain
+
+    run(compose_config(args, tmp_path / "first"))
+    assert len(extractions) == 3
+    pixels = 255 - np.asarray(Image.open(root / "cat" / "0.png"))  # inverted in place, same name
+    Image.fromarray(pixels).save(root / "cat" / "0.png")
+    run(compose_config(args, tmp_path / "edited"))
+    assert len(extractions) == 4  # its split extracted again, the two others (unchanged) loaded
+
+    (root / "dog" / "1.png").rename(root / "fox" / "moved.png")  # moved between classes
+    before = len(extractions)
+    cached, plain = fresh_and_cached("moved")
+    assert len(extractions) - before >= 1 + 3 and cached == plain

@@ -23,7 +23,9 @@ def make_images(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("ca
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = np.clip(rng.normal(COLOURS[name], 40, size=(20 + i, 24, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(
+                rng.normal(COLOURS.get(name, (128, 128, 128)), 40, size=(20 + i, 24, 3)), 0, 255
+            ).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 
@@ -121,3 +123,97 @@ def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None
     )
     projector = next((tmp_path / "cached/tensorboard").rglob("tensors.tsv")).read_text().splitlines()
     assert len(projector[0].split("\t")) == 512  # resnet18's penultimate features, straight from the cache
+
+
+def files(splits) -> dict[str, list[str]]:
+    return {s: [p for p, _ in getattr(splits, s).samples] for s in ("train", "val", "test")}
+
+
+def test_split_folders_in_any_combination_are_never_classes(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "a", per_class=10, classes=("cat", "dog"))  # class folders ...
+    make_images(root / "test", per_class=3, classes=("cat", "dog"))  # ... and a test/ folder beside them
+    splits = build_data(image_folder_config(root, tmp_path).dataset)
+    assert (
+        splits.class_names == ["cat", "dog"] and image_folder_config(root, tmp_path).dataset.num_classes == 2
+    )
+    found = files(splits)
+    assert all("/test/" in p for p in found["test"]) and len(found["test"]) == 6
+    assert not any("/test/" in p for p in found["train"] + found["val"])
+    every = [p for split in found.values() for p in split]
+    assert len(every) == len(set(every)) == 26  # no file is in two splits
+
+    root = tmp_path / "b"  # train/ and val/, the test split taken off train/; classes named val and test
+    make_images(root / "train", per_class=10, classes=("cat", "dog"))
+    make_images(root / "val", per_class=2, classes=("cat", "dog"))
+    for name in ("val", "test"):
+        (root / "train" / name).mkdir()
+        for i in range(10):
+            (root / "train" / name / f"{i}.png").write_bytes(
+                (root / "train" / "cat" / f"{i}.png").read_bytes()
+            )
+    splits = build_data(image_folder_config(root, tmp_path).dataset)
+    assert splits.class_names == ["cat", "dog", "test", "val"]
+    found = files(splits)
+    assert len(found["val"]) == 4 and all(p.startswith(str(root / "val")) for p in found["val"])
+    assert sorted(p.split("/")[-2] for p in found["test"]) == ["cat", "dog", "test", "val"]  # stratified
+    every = [p for split in found.values() for p in split]
+    assert len(every) == len(set(every)) == 44
+    assert all(p.startswith(str(root / "train")) for p in found["train"] + found["test"])
+
+    root = make_images(tmp_path / "c", per_class=4, classes=("cat", "test"))  # a folder of images named test
+    assert build_data(image_folder_config(root, tmp_path).dataset).class_names == ["cat", "test"]
+
+
+def test_splits_are_stratified_and_stable_as_images_are_added(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=20)
+    before = files(build_data(image_folder_config(root, tmp_path).dataset))
+    for name in COLOURS:  # every class in the test split, in proportion
+        assert sum(f"/{name}/" in p for p in before["test"]) == 2
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(root / "cat" / "new.png")
+    after = files(build_data(image_folder_config(root, tmp_path).dataset))
+    moved = sum(len(set(before[s]) - set(after[s])) for s in before)
+    assert moved <= 1  # adding one image moves at most one other (it moved 5 of 6 test files before)
+
+
+def test_empty_class_folder_class_names_truncated_and_converted_images(tmp_path: Path) -> None:
+    from lab.data import SampleError
+    from lab.data.image_folder import open_image
+
+    root = make_images(tmp_path / "images", per_class=6)
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match="class folder 'empty' has no training images"):
+        build_data(image_folder_config(root, tmp_path).dataset)
+    (root / "empty").rmdir()
+    with pytest.raises(UserError, match="2 class names for 3 classes"):
+        build_data(image_folder_config(root, tmp_path, "dataset.class_names=[a,b]").dataset)
+
+    data = (root / "dog" / "0.png").read_bytes()
+    (root / "dog" / "0.png").write_bytes(data[: len(data) // 2])  # a truncated PNG: found at scan time
+    with pytest.raises(UserError) as e:
+        build_data(image_folder_config(root, tmp_path).dataset)
+    assert str(root / "dog" / "0.png") in e.value.line() and "\n" not in e.value.line()
+    (root / "dog" / "0.png").write_bytes(data)
+
+    jpeg = root / "fox" / "0.jpg"  # a truncated JPEG passes the scan: named from the DataLoader worker
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    cfg = image_folder_config(root, tmp_path, "dataset.num_workers=1", "dataset.test_fraction=0.5")
+    splits = build_data(cfg.dataset)
+    stage = next(
+        s for s in ("train", "val", "test") if str(jpeg) in [p for p, _ in getattr(splits, s).samples]
+    )
+    with pytest.raises(SampleError) as e:
+        for _ in build_loaders(splits, cfg.dataset, torch.device("cpu"), seed=0)[stage]:
+            pass
+    assert e.value.line().startswith("error: undecodable image") and str(jpeg) in e.value.line()
+    assert "\n" not in e.value.line() and "Traceback" not in e.value.line()
+
+    sixteen = tmp_path / "deep.png"  # 16-bit grayscale: scaled to 8 bits, not saturated
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(sixteen)
+    assert np.asarray(open_image(sixteen, 3))[0, 0].tolist() == [128, 128, 128]
+    rgba = tmp_path / "alpha.png"  # transparent pixels: composited on white
+    pixels = np.zeros((4, 4, 4), np.uint8)
+    pixels[..., 0], pixels[:2, :, 3] = 255, 255  # red; the top half opaque, the bottom transparent
+    Image.fromarray(pixels, "RGBA").save(rgba)
+    image = np.asarray(open_image(rgba, 3))
+    assert image[0, 0].tolist() == [255, 0, 0] and image[3, 0].tolist() == [255, 255, 255]

@@ -223,7 +223,8 @@ def test_an_error_inside_a_user_dataset_reaches_the_cli_user_with_its_traceback(
 def test_labels_outside_num_classes_fail_when_the_dataset_is_built(tmp_path: Path) -> None:
     from lab.data import build_data
 
-    cfg = compose_config(["dataset.num_classes=5"], tmp_path)
+    # Five names for five classes: the names agree, the labels (0..9) do not.
+    cfg = compose_config(["dataset.num_classes=5", "+dataset.class_names=[a,b,c,d,e]"], tmp_path)
     with pytest.raises(UserError) as error:
         build_data(cfg.dataset)
     assert "dataset.num_classes" in str(error.value) and "0..9" in str(error.value)

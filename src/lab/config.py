@@ -427,6 +427,9 @@ def _fits(value: Any, expected: type) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash (or silently misbehave) minutes into training."""
+    from lab.choices import check_choices
+
+    check_choices(cfg)  # a model or task that cannot work with the dataset
     for group, schema in CHECKED.items():
         node = cfg.get(group)
         if isinstance(node, DictConfig):

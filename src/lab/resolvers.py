@@ -43,6 +43,20 @@ def image_folder_classes(root: str | None) -> int:
     return len(class_folders(root))
 
 
+def csv_table(path: str | None, target, features, key: str):
+    """`${csv_table:${dataset.path},${dataset.target},${dataset.features},num_classes}`: what the config needs
+    to know of a CSV table before it is read (`num_features`, `num_classes`; see `lab.data.tabular.describe`)."""
+    from lab.data.tabular import describe
+
+    return describe(path, target if isinstance(target, (str, type(None))) else list(target),
+                    list(features) if features else None)[key]  # fmt: skip
+
+
+def coalesce(*values):
+    """`${coalesce:${oc.select:dataset.num_classes,null},1}`: the first value that is not null."""
+    return next((v for v in values if v is not None), None)
+
+
 def run_time(pattern: str) -> str:
     """Like Hydra's `${now:pattern}`, but `LAB_RUN_TIME` (ISO format) wins when set: torchrun ranks share it."""
     global _RUN_TIME
@@ -55,7 +69,12 @@ def run_time(pattern: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
-    for name, resolver in (("weights_meta", weights_meta), ("image_folder_classes", image_folder_classes)):
+    for name, resolver in (
+        ("weights_meta", weights_meta),
+        ("image_folder_classes", image_folder_classes),
+        ("csv_table", csv_table),
+        ("coalesce", coalesce),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     if not OmegaConf.has_resolver("run_time"):

@@ -1,13 +1,27 @@
 """Datasets → seeded train/val/test splits → batch iterators on the device.  Driven by `conf/dataset/*.yaml`.
 
-A dataset config names a dataset class with `dataset.source._target_` (a torchvision dataset or one of ours with the same
-`data`/`targets`/`classes` attributes). Such datasets are small enough to be held as tensors: they are read once,
-split with `dataset.split_seed`, resized/normalised once (or per batch on the device when that would not fit in
-memory) and served by `InMemoryLoader` (`dataset.in_memory: true`) or a classic `DataLoader`.
+A dataset config names a dataset with `dataset.source._target_`. What lab asks of it (the contract):
+
+- a map-style `torch.utils.data.Dataset`: `__len__`, and `__getitem__(i)` → `(x, y)` with `x` a tensor (an image
+  (C, H, W), uint8 or float in [0, 1], or a table row (features,)) and `y` a class index, a real value or a
+  multi-hot vector (multi-label);
+- optionally `classes` (class names), `feature_names`/`target_names` (tables);
+- optionally `data` and `targets` holding everything at once (torchvision's MNIST/CIFAR, ours): the fast path.
+
+With `data`/`targets`, or with `dataset.in_memory: true` (every sample is then read once), the splits are tensors,
+preprocessed once (or per batch on the device when that would not fit) and served by `InMemoryLoader`. Otherwise
+each split is a `torch.utils.data.Subset` of the dataset read by a `DataLoader`, preprocessed per batch.
+
+Splits (`split_indices`): stratified by class, each sample placed by a hash of its key (file path, else index) and
+`dataset.split_seed`, so that adding samples moves at most one per class and split. `test_fraction` is a share of
+the whole dataset, `val_fraction` a share of what remains for training. Every split is checked before training:
+non-finite inputs or targets, labels outside the classes (`check_split`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,17 +71,22 @@ class Preprocess:
 
 
 def dataset_to_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    """torchvision's in-memory datasets (MNIST, CIFAR, ...) and ours keep everything in `data`/`targets`.
+    """All of a dataset as two tensors: its `data`/`targets` (torchvision's in-memory datasets, ours), else every
+    `dataset[i]` read once and stacked.
 
     Images become (N, C, H, W); table rows (N, features) stay as they are. Integer targets are class indices
-    (int64), real-valued ones regression targets (float32).
+    (int64), real-valued ones (regression, multi-hot vectors) float32.
     """
-    samples = torch.as_tensor(dataset.data)
+    if hasattr(dataset, "data") and hasattr(dataset, "targets"):
+        samples, targets = torch.as_tensor(dataset.data), torch.as_tensor(dataset.targets)
+    else:
+        pairs = [dataset[i] for i in range(len(dataset))]
+        samples = torch.stack([torch.as_tensor(x) for x, _ in pairs])
+        targets = torch.stack([torch.as_tensor(y) for _, y in pairs])
     if samples.ndim == 3:  # (N, H, W) grayscale
         samples = samples.unsqueeze(1)
     elif samples.ndim == 4 and samples.shape[-1] in (1, 3) and samples.shape[1] not in (1, 3):  # (N, H, W, C)
         samples = samples.permute(0, 3, 1, 2)
-    targets = torch.as_tensor(dataset.targets)
     targets = targets.float() if targets.is_floating_point() else targets.long()
     return samples.contiguous(), targets
 
@@ -88,9 +107,12 @@ def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
         return instantiate(cfg.source, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
+        if isinstance(cause, UserError):  # the dataset's own check of its files, e.g. a bad CSV cell
+            raise cause from None
         missing = isinstance(cause, (*MISSING_FILES, URLError)) or (
             # torchvision's wording for missing files, and for a download that cannot reach the network
-            isinstance(cause, RuntimeError) and any(w in str(cause).lower() for w in ("not found", "downloading"))
+            isinstance(cause, RuntimeError)
+            and any(w in str(cause).lower() for w in ("not found", "downloading"))
         )
         if not missing:
             raise (cause or e) from None  # your dataset's own error, with its traceback
@@ -102,14 +124,44 @@ def _instantiate_dataset(cfg: DictConfig, **kwargs) -> Dataset:
         ) from None
 
 
-def check_targets(targets: Tensor, num_classes: int | None, name: str) -> None:
-    """Class indices must fit `num_classes` (else the loss fails with an IndexError mid-epoch)."""
-    if num_classes is None or targets.is_floating_point() or not len(targets):
+class SampleError(UserError):
+    """A bad sample found while a `DataLoader` worker reads it (an undecodable image, a non-finite value).
+
+    torch re-raises a worker's exception in the main process as `SampleError(<the worker's traceback>)`: the one
+    line is recovered from it, so the user sees `error: ... (<file or sample>): ...`, not a worker traceback.
+    """
+
+    def __init__(self, what: str, where: str = "", fix: str = "") -> None:
+        self.text = ""
+        if not where and "\n" in what:  # torch's re-raise: "...\n<module>.SampleError: error: <line>"
+            self.text = what.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(what, where, fix)
+
+    def line(self) -> str:
+        return self.text or super().line()
+
+
+def check_split(x: Tensor, y: Tensor, num_classes: int | None, split: str, name: str,
+                sample_names: Sequence[str] | None = None) -> None:  # fmt: skip
+    """Before training: non-finite inputs or targets, and class indices outside 0..num_classes-1, named by split
+    and sample (a NaN in the test split would else report test/loss=nan with status success)."""
+
+    def where(index: int) -> str:
+        return f"{split} split, {sample_names[index] if sample_names is not None else f'sample {index}'}"
+
+    for what, values in (("input", x), ("target", y)):
+        if values.is_floating_point() and len(values):
+            bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
+            if bad.any():
+                index = int(bad.nonzero()[0])
+                raise UserError(f"non-finite {what} value ({int(bad.sum())} such samples in {name}'s {split} split)",
+                                where(index), "fix or drop those samples in the data")  # fmt: skip
+    if num_classes is None or y.is_floating_point() or not len(y):
         return
-    low, high = int(targets.min()), int(targets.max())
+    low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
         raise UserError(
-            f"{name} has labels {low}..{high}, outside 0..{num_classes - 1}",
+            f"the {split} split of {name} has labels {low}..{high}, outside 0..{num_classes - 1}",
             "dataset.num_classes",
             f"set dataset.num_classes={high + 1} (labels must be 0..num_classes-1)"
             if low >= 0
@@ -117,38 +169,121 @@ def check_targets(targets: Tensor, num_classes: int | None, name: str) -> None:
         )
 
 
-def _split(n: int, fractions: list[float], seed: int) -> list[Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    parts, start = [], 0
-    for f in fractions:
-        size = max(1, round(n * f))
-        parts.append(order[start : start + size])
-        start += size
-    parts.append(order[start:])
+def check_class_names(names: Sequence[str], num_classes: int | None, given: bool = True) -> None:
+    """One name per class (else predictions are mislabelled, or index past the list): `given` names come from
+    `dataset.class_names`, the others from the dataset itself."""
+    if num_classes is None or len(names) == num_classes:
+        return
+    if given:
+        raise UserError(f"{len(names)} class names for {num_classes} classes", "dataset.class_names",
+                        f"give {num_classes} names, or dataset.class_names=null to take the dataset's")  # fmt: skip
+    raise UserError(f"the dataset has {len(names)} classes, the config {num_classes}", "dataset.num_classes",
+                    f"set dataset.num_classes={len(names)}, or name every class in dataset.class_names")  # fmt: skip
+
+
+def _place(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "big")
+
+
+def _quotas(sizes: list[int], fraction: float) -> list[int]:
+    """`fraction` of each group, rounded so that the total is round(fraction × all) (largest remainders), ≥ 1."""
+    exact = [n * fraction for n in sizes]
+    quotas = [int(e) for e in exact]
+    total = max(1, round(sum(sizes) * fraction))
+    for g in sorted(range(len(sizes)), key=lambda g: exact[g] - quotas[g], reverse=True)[
+        : total - sum(quotas)
+    ]:
+        quotas[g] += 1
+    return quotas
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int, labels: Sequence | None = None,
+                  keys: Sequence[str] | None = None) -> list[list[int]]:  # fmt: skip
+    """Indices of `len(fractions) + 1` disjoint parts of `n` samples: each fraction is a share of what the parts
+    before it left, the last part is the rest (e.g. `[test_fraction, val_fraction]` → test, val, train).
+
+    Stratified by `labels` (class indices; None: one group): each part holds the same share of every class. Within
+    a class, samples are ordered by a hash of `(seed, key)` (`keys`: e.g. file paths; default the index) and the
+    parts are consecutive runs of that order, so a sample's place never depends on the others: adding samples moves
+    at most one sample per class from one part to the next.
+    """
+    keys = [str(i) for i in range(n)] if keys is None else list(keys)
+    groups: dict = {}
+    for index in range(n):
+        groups.setdefault(0 if labels is None else labels[index], []).append(index)
+    ordered = [sorted(members, key=lambda i: _place(seed, keys[i])) for _, members in sorted(groups.items())]
+    parts = []
+    for fraction in fractions:
+        quotas = _quotas([len(members) for members in ordered], fraction)
+        parts.append(sorted(i for members, q in zip(ordered, quotas, strict=True) for i in members[:q]))
+        ordered = [members[q:] for members, q in zip(ordered, quotas, strict=True)]
+    parts.append(sorted(i for members in ordered for i in members))
     return parts
 
 
+def check_sizes(sizes: dict[str, int], name: str, where: str) -> None:
+    """Every split needs a sample: with too few the fractions round to an empty split."""
+    empty = [split for split, size in sizes.items() if not size]
+    if empty:
+        counts = ", ".join(f"{split} {size}" for split, size in sizes.items())
+        raise UserError(f"too few samples in {name} for the splits ({counts}): the {empty[0]} split is empty", where,
+                        "add data, or raise dataset.test_fraction / dataset.val_fraction")  # fmt: skip
+
+
+class SplitView(Dataset):
+    """One split of a dataset read sample by sample: the samples at `indices`, as its `__getitem__` returns them;
+    a non-finite value is a `SampleError` naming the split and the sample."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], split: str) -> None:
+        self.dataset, self.indices, self.split = dataset, list(indices), split
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.dataset[self.indices[index]]
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        for what, values in (("input", x), ("target", y)):
+            if values.is_floating_point() and not torch.isfinite(values).all():
+                raise SampleError(f"non-finite {what} value", f"{self.split} split, sample {self.indices[index]}",
+                                  "fix or drop that sample in the data")  # fmt: skip
+        return x, y
+
+
 def build_data(cfg: DictConfig) -> DataSplits:
-    """Read the dataset named by `cfg.source` and return preprocessed, seeded splits."""
+    """Read the dataset named by `cfg.source` and return checked, preprocessed, seeded splits."""
     if cfg.get("builder"):  # a data module that builds its own splits, e.g. lab.data.image_folder.build
         from hydra.utils import get_method
 
         return get_method(cfg.builder)(cfg)
-    if cfg.get("has_test_split", False):
-        train_x, train_y = dataset_to_tensors(source := _instantiate_dataset(cfg, train=True))
-        test_x, test_y = dataset_to_tensors(_instantiate_dataset(cfg, train=False))
-        val_idx, train_idx = _split(len(train_y), [cfg.val_fraction], cfg.split_seed)
-    else:
-        all_x, all_y = dataset_to_tensors(source := _instantiate_dataset(cfg))
-        test_idx, val_idx, train_idx = _split(
-            len(all_y), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed
-        )
-        train_x, train_y, test_x, test_y = all_x, all_y, all_x[test_idx], all_y[test_idx]
-    val_x, val_y = train_x[val_idx], train_y[val_idx]
-    train_x, train_y = train_x[train_idx], train_y[train_idx]
+    has_test = cfg.get("has_test_split", False)
+    source = _instantiate_dataset(cfg, train=True) if has_test else _instantiate_dataset(cfg)
+    test_source = _instantiate_dataset(cfg, train=False) if has_test else None
     num_classes = cfg.get("num_classes")
-    for split, y in (("train", train_y), ("val", val_y), ("test", test_y)):
-        check_targets(y, num_classes, f"the {split} split of {cfg.name}")
+    class_names = [
+        str(c) for c in cfg.get("class_names") or getattr(source, "classes", None) or range(num_classes or 0)
+    ]
+    check_class_names(class_names, num_classes, given=bool(cfg.get("class_names")) or not hasattr(source, "classes"))
+    if not cfg.get("in_memory", False) and not (hasattr(source, "data") and hasattr(source, "targets")):
+        return _streamed_splits(cfg, source, test_source, class_names)
+
+    x, y = dataset_to_tensors(source)
+    labels = y.tolist() if y.ndim == 1 and not y.is_floating_point() else None  # stratified by class
+    if test_source is not None:
+        test_x, test_y = dataset_to_tensors(test_source)
+        val_idx, train_idx = split_indices(len(y), [cfg.val_fraction], cfg.split_seed, labels)
+        test_idx = list(range(len(test_y)))
+    else:
+        test_idx, val_idx, train_idx = split_indices(
+            len(y), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed, labels
+        )
+        test_x, test_y = x[test_idx], y[test_idx]
+    val_x, val_y, train_x, train_y = x[val_idx], y[val_idx], x[train_idx], y[train_idx]
+    sizes = {"train": len(train_y), "val": len(val_y), "test": len(test_y)}
+    check_sizes(sizes, cfg.name, "dataset.test_fraction, dataset.val_fraction")
+    for split, sx, sy, indices in (("train", train_x, train_y, train_idx), ("val", val_x, val_y, val_idx),
+                                   ("test", test_x, test_y, test_idx)):  # fmt: skip
+        check_split(sx, sy, num_classes, split, cfg.name, [f"sample {i}" for i in indices])
 
     transform: Transform | None = None
     extra: dict = {}
@@ -166,14 +301,11 @@ def build_data(cfg: DictConfig) -> DataSplits:
     for name in ("feature_names", "target_names"):  # table columns, in order, when the source knows them
         if getattr(source, name, None) is not None:
             extra[name] = [str(n) for n in getattr(source, name)]
-    class_names = list(
-        cfg.get("class_names") or getattr(source, "classes", None) or range(num_classes or 0)
-    )
     return DataSplits(
         train=TensorDataset(train_x, train_y),
         val=TensorDataset(val_x, val_y),
         test=TensorDataset(test_x, test_y),
-        class_names=[str(c) for c in class_names],
+        class_names=class_names,
         transform=transform,
         extra=extra,
     )
@@ -185,6 +317,44 @@ def standardize(train: Tensor, *others: Tensor) -> tuple:
     mean, std = train.float().mean(0), train.float().std(0).nan_to_num(1.0).clamp_min(1e-8)
     stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
     return *((x.float() - mean) / std for x in (train, *others)), stats
+
+
+def _streamed_splits(cfg: DictConfig, source: Dataset, test_source: Dataset | None, class_names: list[str]):
+    """Splits of a dataset read sample by sample (`in_memory: false`, no `data`/`targets`): index views of it,
+    stratified by its `targets` when it has them (torchvision's ImageFolder), placed by its files' paths when it
+    lists them in `samples`, preprocessed per batch on the device."""
+    if cfg.get("standardize", False):
+        raise UserError("standardising a table needs all of it in memory", "dataset.standardize",
+                        "set dataset.in_memory=true (or dataset.standardize=false)")  # fmt: skip
+    targets = getattr(source, "targets", None)
+    labels = (
+        [int(t) for t in targets]
+        if targets is not None and not torch.as_tensor(targets).is_floating_point()
+        else None
+    )
+    keys = [str(sample[0]) for sample in source.samples] if hasattr(source, "samples") else None
+    if test_source is not None:
+        val_idx, train_idx = split_indices(len(source), [cfg.val_fraction], cfg.split_seed, labels, keys)
+        test = SplitView(test_source, range(len(test_source)), "test")
+    else:
+        test_idx, val_idx, train_idx = split_indices(
+            len(source), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed, labels, keys
+        )
+        test = SplitView(source, test_idx, "test")
+    train, val = SplitView(source, train_idx, "train"), SplitView(source, val_idx, "val")
+    check_sizes({"train": len(train), "val": len(val), "test": len(test)}, cfg.name,
+                "dataset.test_fraction, dataset.val_fraction")  # fmt: skip
+    for split in (train, val, test):  # class indices, when the dataset lists them, without reading a sample
+        y = getattr(split.dataset, "targets", None)
+        if y is not None:
+            y = torch.as_tensor(y)[torch.as_tensor(split.indices, dtype=torch.long)]
+            check_split(torch.empty(0), y, cfg.get("num_classes"), split.split, cfg.name)
+    transform = (
+        Preprocess(cfg.image_size, cfg.channels, list(cfg.mean), list(cfg.std))
+        if "image_size" in cfg
+        else None
+    )
+    return DataSplits(train=train, val=val, test=test, class_names=class_names, transform=transform)
 
 
 def _chunked(fn: Transform, x: Tensor, chunk: int = 4096) -> Tensor:

@@ -7,9 +7,10 @@ order as without caching. The trainer then calls `model.head` while checkpoints 
 
 With `paths.feature_cache` (a folder; null: off) the features are also kept on disk, shared by later runs and by
 every job of a sweep: one file per split, named by a hash of everything the features depend on (backbone and
-its weights' fingerprint, dataset config and content, split, preprocessing, dtype, device type). A lock lets one
-job extract while the others wait; files are written to a temp name and renamed, so nobody reads half a file;
-a corrupt or stale file is rebuilt with a warning. `make clean-cache` empties the folder.
+its weights' fingerprint, dataset config, content: the tensors, or each image file's path, label, size and
+modification time; split, preprocessing, dtype, device type). A lock lets one job extract while the others wait;
+files are written to a temp name and renamed, so nobody reads half a file; a corrupt or stale file is rebuilt
+with a warning. `make clean-cache` empties the folder.
 """
 
 from __future__ import annotations
@@ -80,15 +81,23 @@ LOADER_KEYS = ("batch_size", "num_workers", "in_memory", "prefetch_factor", "pin
 
 
 def content_hash(dataset: Any) -> str | None:
-    """sha256 of a TensorDataset's tensors (seconds even for GBs, next to minutes of extraction); else None."""
-    if not isinstance(dataset, TensorDataset):
-        return None
+    """What a split's features are computed from: sha256 of a TensorDataset's tensors (seconds even for GBs, next
+    to minutes of extraction), or of each image file's path, label, size and modification time (an edited, added,
+    removed or moved file changes it). None for any other dataset: its features are not kept on disk."""
     digest = hashlib.sha256()
-    for t in dataset.tensors:
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            digest.update(t.view(-1).view(torch.uint8).numpy().data)
+    if isinstance(dataset, TensorDataset):
+        for t in dataset.tensors:
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                digest.update(t.view(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+    samples = getattr(dataset, "samples", None)  # ImageFiles: (path, label) pairs
+    if samples is None:
+        return None
+    for path, label in samples:
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -158,8 +167,11 @@ def cached_loaders(
         def compute(dataset=dataset):
             return extract(model.features, dataset, cfg, splits.transform, device)
 
-        if cache_dir:
-            x, y, hit = cached_split(cache_dir, cache_key(model, weights, cfg, stage, dataset, device), compute)
+        key = cache_key(model, weights, cfg, stage, dataset, device) if cache_dir else None
+        if key is not None and key["content"] is None:
+            log.info("feature cache: off for %s (its content cannot be fingerprinted)", stage)
+        if key is not None and key["content"] is not None:
+            x, y, hit = cached_split(cache_dir, key, compute)
             x, y = x.to(device), y.to(device)
             loaded.append(hit)
         else:
