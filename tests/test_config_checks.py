@@ -128,7 +128,7 @@ def test_the_dry_run_changes_nothing_of_the_run(tmp_path: Path) -> None:
     cfg = compose_config(["mix=mixup", "scheduler=onecycle"], tmp_path)
     splits, model, task = build_data(cfg.dataset), build_model(cfg.model), build(cfg.task, "task")
     optimizer, mix = build_optimizer(cfg.optimizer, model), build_mix(cfg, task)
-    build_schedulers(cfg.scheduler, optimizer, 10, cfg.trainer.max_epochs)
+    build_schedulers(cfg.scheduler, optimizer, 10 * cfg.trainer.max_epochs)
     before = ({k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state(), random.getstate(),
               [g["lr"] for g in optimizer.param_groups], optimizer.state_dict()["state"])  # fmt: skip
     assert any("running_mean" in k for k in before[0])  # the model has BatchNorm statistics to keep

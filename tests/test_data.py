@@ -163,7 +163,7 @@ def test_a_non_finite_value_in_any_split_is_one_line_naming_split_and_sample(
         cfg = compose_config(["dataset=diabetes", "model=mlp", "task=regression",
                               "dataset.source._target_=test_data.TableWithNaN", f"+dataset.source.bad={bad}",
                               f"+dataset.source.where={where}", "~dataset.source.name",
-                              "~dataset.source.standardize_targets", "dataset.num_features=4"], tmp_path)  # fmt: skip
+                              "dataset.standardize_targets=false", "dataset.num_features=4"], tmp_path)  # fmt: skip
         with pytest.raises(UserError) as e:
             build_data(cfg.dataset)
         assert f"non-finite {where} value" in e.value.what and e.value.where == f"{split} split, sample {bad}"

@@ -110,8 +110,8 @@ def test_final_figures_name_the_weights_they_show(full_run: Path) -> None:
         train(full_run.parent / "again", *TINY, "monitor=full", "monitor.embedding.enabled=false")
     weights = json.loads((full_run.parent / "again" / "metrics.json").read_text())["weights"]
     assert weights.startswith("best.pt, epoch ") and weights.endswith("trained weights")
-    assert titles[-2:] == [f"val, {weights}: 180 samples", f"test, {weights}: 359 samples"]
-    assert titles[0] == "val, epoch 1: 180 samples"
+    assert titles[-2:] == [f"val, {weights}: 144 samples", f"test, {weights}: 359 samples"]
+    assert titles[0] == "val, epoch 1: 144 samples"
 
 
 def test_confusion_matrix_counts() -> None:
@@ -129,16 +129,16 @@ def test_predictions_figure_titles_green_when_right_red_when_wrong() -> None:
 
 @pytest.mark.slow
 def test_under_ddp_the_final_figures_cover_the_whole_split(tmp_path: Path) -> None:
-    """Two CPU processes (real torchrun, gloo): each evaluates half of val; the figures hold all 180 samples."""
+    """Two CPU processes (real torchrun, gloo): each evaluates half of val; the figures hold all 144 samples."""
     from test_ddp import only_run_dir, torchrun
 
     torchrun(tmp_path, *TINY, "logger=tensorboard", "monitor=full", "monitor.embedding.count=1000",
              "model=simple_cnn", "dataset.batch_size=32")  # fmt: skip
     log_dir = only_run_dir(tmp_path) / "tensorboard"
     acc = events(log_dir)
-    for stage, size in (("val", 180), ("test", 359)):  # digits' splits
+    for stage, size in (("val", 144), ("test", 359)):  # digits' splits
         (curve,) = acc.Tensors(f"final/{stage}/pr_curve/3")
         counts = torch.tensor(curve.tensor_proto.float_val).view(6, -1)  # TP, FP, TN, FN, precision, recall
         assert int(counts[:4, 0].sum()) == size  # every sample once, from both ranks
     (folder,) = [p for p in log_dir.iterdir() if p.is_dir() and (p / "final%2fval%2ffeatures").is_dir()]
-    assert len((folder / "final%2fval%2ffeatures" / "tensors.tsv").read_text().strip().splitlines()) == 180
+    assert len((folder / "final%2fval%2ffeatures" / "tensors.tsv").read_text().strip().splitlines()) == 144

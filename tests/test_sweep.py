@@ -83,7 +83,9 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Com
 
 def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess]) -> None:
     sweep_dir, proc = grid
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    # One folder per job, the code the sweep ran and the report's figures.
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "code", "figures"]
+    assert (sweep_dir / "report.md").is_file() and (sweep_dir / "figures" / "curves.png").is_file()
     # Every job logs into the sweep dir, so `tensorboard --logdir <sweep dir>` compares them (HParams tab).
     for job in range(4):
         assert list((sweep_dir / str(job) / "tensorboard").glob("events.out.tfevents.*"))

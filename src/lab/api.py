@@ -33,12 +33,14 @@ def fit(overrides: Sequence[str] = ()) -> FitResult:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from lab.choices import preferred_overrides
     from lab.config import CONF_DIR, precheck
     from lab.redact import load_env
     from lab.train import run_for_api
 
     load_env()  # `.env` → environment, as train.py does
     overrides = [str(o) for o in overrides]
+    overrides += preferred_overrides(overrides, CONF_DIR)  # dataset=diabetes → model=mlp task=regression
     precheck(overrides)  # an unknown key, a wrong type or option: the CLI's line, nothing written
     failure: list[BaseException] = []
 

@@ -203,12 +203,12 @@ def run(cfg: DictConfig) -> float:
     """Check the config, build everything, train, evaluate the best weights, report."""
     from lab import run_lock
 
+    resolve_resume(cfg)
+    validate(cfg)  # paths.output_dir creatable, before anything takes or writes into it
     run_lock.acquire(cfg.paths.output_dir)  # one process per run folder, for the whole run
     try:
-        resolve_resume(cfg)
-        validate(cfg)
+        job = build(cfg)  # the checkpoint is loaded and checked against the model before anything is carried
         carry_best_over(cfg)
-        job = build(cfg)
         ddp, success = job.ddp, False
         try:
             best = fit_and_report(job)
