@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,47 @@ def test_unfreezing_during_training_is_refused_under_ddp(tmp_path):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert ours and all("(model.unfreeze_at_epoch)" in line for line in ours), proc.stderr[-3000:]
     assert not list((tmp_path / "ddp").rglob("*.pt"))  # refused before training
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_two_nodes_run_one_job_that_global_rank_0_alone_writes(one_step: Path, tmp_path: Path):
+    # Two torchrun launches of one process each, as on two machines: c10d rendezvous on localhost. Each "node"
+    # runs in its own folder with the default relative `outputs/`, as if each had its own disk, so that a file
+    # written by the wrong process shows up on the wrong node.
+    port, nodes = free_port(), [tmp_path / "node0", tmp_path / "node1"]
+    procs = []
+    for node_rank, cwd in enumerate(nodes):
+        cwd.mkdir()
+        args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+                "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=job",
+                str(ROOT / "train.py"), "trainer=ddp", *MODEL, *ONE_STEP, "dataset.batch_size=16"]  # fmt: skip
+        procs.append(subprocess.Popen(args, cwd=cwd, env=cli_env(), stdin=subprocess.DEVNULL, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-5000:]
+    # The rendezvous, not --node_rank, decides which node holds global rank 0: that node alone has files.
+    written = [files_under(node) for node in nodes]
+    assert sorted(map(bool, written)) == [False, True], written
+    run_dir = only_run_dir(nodes[0 if written[0] else 1] / "outputs")
+    other = nodes[1 if written[0] else 0] / "outputs" / "train" / "runs"
+    assert [p.name for p in other.iterdir()] == [run_dir.name]  # the agreed run dir (created empty by Hydra)
+    assert {".hydra", "train.log", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "success"
+
+    # The same job on one node with two processes (`one_step`): the same tensors, bit for bit.
+    two_nodes = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    one_node = torch.load(one_step / "checkpoints" / "last.pt", weights_only=True)
+    assert two_nodes["global_step"] == one_node["global_step"] == 1
+    for part in ("model", "callbacks"):
+        torch.testing.assert_close(two_nodes[part], one_node[part], rtol=0, atol=0)

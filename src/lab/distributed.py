@@ -27,6 +27,12 @@ from lab.errors import EXIT_USER_ERROR, UserError
 log = logging.getLogger(__name__)
 
 
+# Hydra overrides for ranks > 0: no `.hydra/` and no `train.log` of their own (Hydra still creates the run dir's
+# path). Rank 0 writes both; on several nodes, the other nodes write no file.
+WRITES_NOTHING = ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]",
+                  "++hydra.job_logging.handlers.file.delay=true"]  # fmt: skip
+
+
 def world_size() -> int:
     from lab.runtime import check_launch_env
 
@@ -91,11 +97,34 @@ def _agree_on_run() -> None:
 
     _init_process_group()
     agreed = [run_id(), os.environ.get("LAB_RUN_TIME") or datetime.now().isoformat()]
+    if dist.get_rank() == 0:
+        agreed = _kept_across_restarts(agreed)
     dist.broadcast_object_list(agreed, src=0)
     os.environ["LAB_RUN_ID"], os.environ["LAB_RUN_TIME"] = agreed
     import lab.resolvers
 
     lab.resolvers._RUN_ID = agreed[0]  # in case it was already resolved on this rank
+
+
+def restarted() -> bool:
+    """A group that `torchrun --max-restarts=N` started again after a worker failed."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def _kept_across_restarts(fresh: list[str]) -> list[str]:
+    """The run id and time of this torchrun job's first group; `fresh` (recorded for the next) in the first group.
+
+    torchrun's agent keeps one key-value store (at MASTER_ADDR:MASTER_PORT) for its whole life, restarts
+    included, while each restarted worker is a new process: the store is where a restarted group finds its run.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return fresh  # not started by torchrun's agent: nothing outlives this group
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))  # fmt: skip
+    # Atomic: the first group's value stays, a restarted group's `fresh` is not written.
+    return store.compare_set("lab/run", "", "\n".join(fresh)).decode().split("\n")
 
 
 @dataclass
