@@ -36,8 +36,10 @@ if __name__ == "__main__":
     except UserError as e:
         e.exit()
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
-        from lab.distributed import agree_on_run, refuse_multirun
+        from lab.distributed import WRITES_NOTHING, agree_on_run, refuse_multirun
 
         refuse_multirun(sys.argv[1:])
         agree_on_run()
+        if os.environ.get("RANK", "0") != "0":  # rank 0 alone writes the run dir; other nodes write nothing
+            sys.argv += WRITES_NOTHING
     main()

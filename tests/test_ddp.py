@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,15 +35,17 @@ if "RANK" in os.environ:
 """
 
 
-def torchrun(log_dir: Path, *overrides: str, check: bool = True, probe: Path | None = None):
-    """`torchrun --standalone --nproc_per_node=2 train.py trainer=ddp ...` with the default run dir; with `probe`,
-    each rank writes the names of its threads left at exit to `probe/threads-<rank>`."""
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(log_dir: Path, *overrides: str, check: bool = True, probe: Path | None = None,
+             sitecustomize: str = EXIT_PROBE, launch: tuple[str, ...] = ()):  # fmt: skip
+    """`torchrun --standalone --nproc_per_node=2 <launch> train.py trainer=ddp ...` with the default run dir; with
+    `probe`, each rank runs `sitecustomize` at start-up (by default it writes the names of its threads left at exit
+    to `probe/threads-<rank>`)."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launch,
             str(ROOT / "train.py"), "trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]  # fmt: skip
     env = cli_env()
     if probe is not None:
         probe.mkdir(parents=True)
-        (probe / "sitecustomize.py").write_text(EXIT_PROBE)
+        (probe / "sitecustomize.py").write_text(sitecustomize)
         env.update(PYTHONPATH=f"{probe}{os.pathsep}{env['PYTHONPATH']}", EXIT_PROBE_DIR=str(probe))
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -143,3 +146,94 @@ def test_unfreezing_during_training_is_refused_under_ddp(tmp_path):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert ours and all("(model.unfreeze_at_epoch)" in line for line in ours), proc.stderr[-3000:]
     assert not list((tmp_path / "ddp").rglob("*.pt"))  # refused before training
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_two_nodes_run_one_job_that_global_rank_0_alone_writes(one_step: Path, tmp_path: Path):
+    # Two torchrun launches of one process each, as on two machines: c10d rendezvous on localhost. Each "node"
+    # runs in its own folder with the default relative `outputs/`, as if each had its own disk, so that a file
+    # written by the wrong process shows up on the wrong node.
+    port, nodes = free_port(), [tmp_path / "node0", tmp_path / "node1"]
+    procs = []
+    for node_rank, cwd in enumerate(nodes):
+        cwd.mkdir()
+        args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+                "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=job",
+                str(ROOT / "train.py"), "trainer=ddp", *MODEL, *ONE_STEP, "dataset.batch_size=16"]  # fmt: skip
+        procs.append(subprocess.Popen(args, cwd=cwd, env=cli_env(), stdin=subprocess.DEVNULL, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-5000:]
+    # The rendezvous, not --node_rank, decides which node holds global rank 0: that node alone has files.
+    written = [files_under(node) for node in nodes]
+    assert sorted(map(bool, written)) == [False, True], written
+    run_dir = only_run_dir(nodes[0 if written[0] else 1] / "outputs")
+    other = nodes[1 if written[0] else 0] / "outputs" / "train" / "runs"
+    assert [p.name for p in other.iterdir()] == [run_dir.name]  # the agreed run dir (created empty by Hydra)
+    assert {".hydra", "train.log", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "success"
+
+    # The same job on one node with two processes (`one_step`): the same tensors, bit for bit.
+    two_nodes = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    one_node = torch.load(one_step / "checkpoints" / "last.pt", weights_only=True)
+    assert two_nodes["global_step"] == one_node["global_step"] == 1
+    for part in ("model", "callbacks"):
+        torch.testing.assert_close(two_nodes[part], one_node[part], rtol=0, atol=0)
+
+
+# Rank 1 of the first group (torchrun's attempt 0) dies right after its optimizer step KILL_AT_STEP, as a crashed
+# worker would: torchrun stops rank 0 and starts both again.
+KILL_RANK_1 = """
+import os
+
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = [0]
+
+    def die(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == int(os.environ["KILL_AT_STEP"]):
+            os._exit(1)
+
+    register_optimizer_step_post_hook(die)
+"""
+# 6 steps in one epoch, last.pt every 2 (written in the loop, so that step 4's is on disk when rank 1 dies at 5).
+ELASTIC = ["trainer.deterministic=true", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
+           "checkpoint.every_n_steps=2", "checkpoint.async_write=false", "dataset.batch_size=8"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_group_torchrun_restarts_resumes_its_run_and_ends_as_an_uninterrupted_one(tmp_path: Path):
+    restarted = tmp_path / "restarted"
+    env_before = os.environ.get("KILL_AT_STEP")
+    os.environ["KILL_AT_STEP"] = "5"  # read by the ranks (cli_env copies the environment)
+    try:
+        torchrun(restarted, *ELASTIC, probe=tmp_path / "kill", sitecustomize=KILL_RANK_1,
+                        launch=("--max-restarts=1",))  # fmt: skip
+    finally:
+        os.environ.pop("KILL_AT_STEP") if env_before is None else os.environ.update(KILL_AT_STEP=env_before)
+    run_dir = only_run_dir(restarted)  # the restarted group found the same run dir
+    log = (run_dir / "train.log").read_text()
+    assert f"torchrun restarted the group: resuming from the run's own {run_dir}/checkpoints/last.pt" in log
+    assert "at epoch 0, step 4" in log  # step 5, done before rank 1 died, was lost and done again
+
+    torchrun(tmp_path / "uninterrupted", *ELASTIC)
+    resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    reference = torch.load(
+        only_run_dir(tmp_path / "uninterrupted") / "checkpoints" / "last.pt", weights_only=True
+    )
+    assert resumed["global_step"] == reference["global_step"] == 6
+    torch.testing.assert_close(resumed["model"], reference["model"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer"]["state"], reference["optimizer"]["state"], rtol=0, atol=0)

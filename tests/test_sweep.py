@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF, ROOT, cli_env, in_process, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -84,7 +85,14 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Com
 def test_grid_job_dirs_and_summary(grid: tuple[Path, subprocess.CompletedProcess]) -> None:
     sweep_dir, proc = grid
     # One folder per job, the code the sweep ran and the report's figures.
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "code", "figures"]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "code",
+        "figures",
+    ]
     assert (sweep_dir / "report.md").is_file() and (sweep_dir / "figures" / "curves.png").is_file()
     # Every job logs into the sweep dir, so `tensorboard --logdir <sweep dir>` compares them (HParams tab).
     for job in range(4):
@@ -372,10 +380,13 @@ def test_torchrun_launcher_runs_each_job_as_a_process_group(tmp_path: Path) -> N
                     "model=mlp", "logger=none", "hydra.sweeper.n_trials=2", "dataset.batch_size=64",
                     "trainer.limit_train_batches=null")  # fmt: skip
     assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE")]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+    dirs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert dirs == [
         "0",
         "1",
-    ]
+        "code",
+        "figures",
+    ]  # the jobs, the code the sweep started from, the report's figures
     train_size = len(build_data(compose_config(["dataset=digits"]).dataset).train)
     for job in ("0", "1"):
         metrics = json.loads((tmp_path / job / "metrics.json").read_text())
@@ -554,3 +565,62 @@ def test_optuna_objective_loss_is_minimised_and_every_record_names_the_same_best
     assert "sorted by the Optuna study's objective" in (tmp_path / "summary.md").read_text()
     for trial in study.trials:  # 2 epochs x 2 validations: steps 1..4
         assert sorted(trial.intermediate_values) == [1, 2, 3, 4], trial.number
+
+
+# In the job's process, on its first run only: right after optimizer step 3, the signal SLURM sends before the time
+# limit or on preemption (SIGUSR2), to the job itself. No SLURM here: submitit's local executor stands in for it
+# (same signal handling, and it requeues a job that asks to be, as SLURM does).
+PREEMPT_AT_STEP_3 = """
+import os
+
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") and not os.path.exists(os.environ["PREEMPTED_MARK"]):
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = [0]
+
+    def preempt(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == 3:
+            open(os.environ["PREEMPTED_MARK"], "w").close()
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    register_optimizer_step_post_hook(preempt)
+"""
+REQUEUED = ["model=mlp", "model.dropout=0", "logger=csv", "trainer.deterministic=true", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=6", "checkpoint.every_n_steps=100", "checkpoint.async_write=false"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_writes_last_pt_is_requeued_and_resumes_in_its_job_dir(
+    tmp_path: Path,
+) -> None:
+    from conftest import train
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PREEMPT_AT_STEP_3)
+    env = cli_env(PREEMPTED_MARK=str(tmp_path / "preempted"))
+    env["PYTHONPATH"] = f"{probe}{os.pathsep}{env['PYTHONPATH']}"
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher._target_=hydra_plugins.lab_submitit.LocalLauncher",
+            f"hydra.sweep.dir={sweep}", "trainer.progress_bar=false", "print_config=false", *REQUEUED]  # fmt: skip
+    run_cli("train.py", args, check=True, env=env)
+    assert (tmp_path / "preempted").exists()  # the signal came, in the first run
+    submitit_logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in submitit_logs  # by submitit, after lab's stop
+
+    job = sweep / "0"
+    log = (job / "train.log").read_text()
+    assert "SIGUSR2 received: stopping after this step" in log
+    # last.pt of step 3 (checkpoint.every_n_steps=100 would write none before the end), then the requeued job:
+    assert f"sweep job 0: resuming from its own {job}/checkpoints/last.pt" in log
+    assert "at epoch 0, step 3" in log
+    assert json.loads((job / "metrics.json").read_text())["status"] == "success"
+
+    train(tmp_path / "uninterrupted", *REQUEUED)
+    resumed = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
+    reference = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["global_step"] == reference["global_step"] == 6
+    torch.testing.assert_close(resumed["model"], reference["model"], rtol=0, atol=0)

@@ -27,6 +27,12 @@ from lab.errors import EXIT_USER_ERROR, UserError
 log = logging.getLogger(__name__)
 
 
+# Hydra overrides for ranks > 0: no `.hydra/` and no `train.log` of their own (Hydra still creates the run dir's
+# path). Rank 0 writes both; on several nodes, the other nodes write no file.
+WRITES_NOTHING = ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]",
+                  "++hydra.job_logging.handlers.file.delay=true"]  # fmt: skip
+
+
 def world_size() -> int:
     from lab.runtime import check_launch_env
 
@@ -50,12 +56,17 @@ def _init_process_group() -> None:
     import torch.distributed.nn
 
     try:
+        backend = "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-            # nccl for the gradients, gloo for small host objects
-            dist.init_process_group("cpu:gloo,cuda:nccl")
+            backend = "cpu:gloo,cuda:nccl"  # nccl for the gradients, gloo for small host objects
+        store = _attempt_store()
+        if store is None:
+            dist.init_process_group(backend)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group(
+                backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size()
+            )
     except (RuntimeError, ValueError) as e:
         raise UserError(f"torch.distributed could not start: {str(e).splitlines()[0]}", "torchrun",
                         "check MASTER_ADDR/MASTER_PORT and that every rank was started") from None  # fmt: skip
@@ -91,11 +102,47 @@ def _agree_on_run() -> None:
 
     _init_process_group()
     agreed = [run_id(), os.environ.get("LAB_RUN_TIME") or datetime.now().isoformat()]
+    if dist.get_rank() == 0:
+        agreed = _kept_across_restarts(agreed)
     dist.broadcast_object_list(agreed, src=0)
     os.environ["LAB_RUN_ID"], os.environ["LAB_RUN_TIME"] = agreed
     import lab.resolvers
 
     lab.resolvers._RUN_ID = agreed[0]  # in case it was already resolved on this rank
+
+
+def restarted() -> bool:
+    """A group that `torchrun --max-restarts=N` started again after a worker failed."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def _agent_store() -> dist.Store | None:
+    """torchrun's key-value store (at MASTER_ADDR:MASTER_PORT), which its agent keeps for its whole life, restarts
+    included, while each restarted worker is a new process; None when not started by torchrun's agent."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(minutes=5))  # fmt: skip
+
+
+def _attempt_store() -> dist.Store | None:
+    """The agent's store under a prefix of its own for each restart: the keys a process group leaves (gloo's
+    addresses) would otherwise still be there for the restarted group, which would connect to dead workers."""
+    store = _agent_store()
+    if store is None:
+        return None
+    return dist.PrefixStore(f"lab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def _kept_across_restarts(fresh: list[str]) -> list[str]:
+    """The run id and time of this torchrun job's first group (`fresh`, recorded for the next, in the first)."""
+    store = _agent_store()
+    if store is None:
+        return fresh  # not started by torchrun's agent: nothing outlives this group
+    # Atomic: the first group's value stays, a restarted group's `fresh` is not written.
+    return store.compare_set("lab/run", "", "\n".join(fresh)).decode().split("\n")
 
 
 @dataclass

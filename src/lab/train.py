@@ -126,7 +126,9 @@ def model_summary(model: Any, example: Any) -> str:
 def resolve_resume(cfg: DictConfig) -> None:
     """Which checkpoint this run continues from (sets `ckpt_path`); an explicit `ckpt_path` wins.
 
-    A sweep job continues from its own `last.pt` when an earlier run of the sweep was interrupted (see lab.sweep).
+    A group that `torchrun --max-restarts=N` restarted continues from its run's own `last.pt` (lab.distributed keeps
+    the run dir), whatever `ckpt_path` says. A sweep job continues from its own `last.pt` when an earlier run of the
+    sweep was interrupted (see lab.sweep).
     `resume=auto` with a run folder (`hydra.run.dir=<run>`) continues that folder from its own `last.pt`, never
     another run's; without one, the newest `last.pt` of this task (`outputs/<task_name>/runs/*/`) in a new run dir
     (nothing earlier is touched). Either way the log says which file, or that none was found.
@@ -134,12 +136,15 @@ def resolve_resume(cfg: DictConfig) -> None:
     from omegaconf import open_dict
 
     from lab import checkpoint as ckpt
+    from lab.distributed import restarted
 
     mode = cfg.get("resume")
     if mode not in (None, "auto"):
         raise UserError(f"unknown value {mode!r}", "resume", "use resume=auto or resume=null")
     own = Path(OmegaConf.select(cfg, "checkpoint.dirpath", default="") or cfg.paths.output_dir, "last.pt")
-    if _in_multirun():
+    if restarted() and own.is_file():  # the group torchrun restarted continues its run (same run dir)
+        found, why = own, f"torchrun restarted the group: resuming from the run's own {own}"
+    elif _in_multirun():
         found, why = (
             (own, f"sweep job {_job_num()}: resuming from its own {own}") if own.is_file() else (None, "")
         )
