@@ -35,6 +35,16 @@ def test_fit_returns_the_metrics_and_writes_the_cli_run_folder(tmp_path: Path) -
     assert "final:" in (run_dir / "train.log").read_text()
 
 
+def test_fit_takes_the_model_and_task_a_dataset_brings(tmp_path: Path) -> None:
+    """As on the command line, `dataset=diabetes` brings `model=mlp` and `task=regression`."""
+    run_dir = tmp_path / "run"
+    with isolated_process(cli_env(), ROOT):
+        result = lab.fit(["dataset=diabetes", *FAST, f"hydra.run.dir={run_dir}"])
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "- model=mlp" in overrides and "- task=regression" in overrides
+    assert result.metrics["status"] == "success" and "val/mae" in result.metrics
+
+
 @pytest.mark.parametrize(
     "overrides",
     [["model=mlp", "model.hiden=32"], ["optimizer.lr=0"], ["scheduler=step", "scheduler.step_size=0"]],

@@ -380,7 +380,11 @@ def test_a_second_signal_quits_at_once_without_a_traceback(tmp_path: Path) -> No
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signum)
-    time.sleep(0.05)
+    # The second one while the first is still being handled (its warning logged, the run not yet ended): sent
+    # blindly after a fixed delay it could also arrive after the interpreter reset its handlers at exit.
+    log_file = run_dir / "train.log"
+    while "received: stopping after this step" not in log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, stderr[-3000:]
