@@ -70,6 +70,7 @@ def each_of(*allowed: str) -> Range:
 
 POSITIVE = Range(lambda v: v > 0, "> 0", "1")
 AT_LEAST_ZERO = Range(lambda v: v >= 0, ">= 0", "0")
+AT_LEAST_TWO = Range(lambda v: v >= 2, ">= 2", "5")
 FRACTION = Range(lambda v: 0 < v < 1, "a number in (0, 1)", "0.1")
 UNIT_INTERVAL = Range(lambda v: 0 < v <= 1, "a number in (0, 1]", "0.5")
 # Learning rates above 1 make every optimizer lab ships diverge (loss growing for the whole run).
@@ -200,6 +201,9 @@ class DatasetConfig(Dict[str, Any]):  # noqa: UP006
     num_workers: Optional[int] = ranged(None, AT_LEAST_ZERO)  # noqa: UP045  DataLoader workers; null: CPUs - 1 (≤ 8)
     prefetch_factor: Optional[int] = ranged(None, POSITIVE)  # noqa: UP045  batches a worker loads ahead; null: 2
     in_memory: bool = True  # whole split as one tensor on the device, batches by index (fast path)
+    # k-fold cross-validation: what the test split leaves in `folds` stratified folds; fold `fold` validates.
+    folds: Optional[int] = ranged(None, AT_LEAST_TWO)  # noqa: UP045
+    fold: int = ranged(0, AT_LEAST_ZERO)  # 0 .. folds-1
 
 
 @dataclass
@@ -435,6 +439,9 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig):
             check_schema(node, schema, group)
     check_schema(cfg.dataset, ImageInputs, "dataset")
+    folds, fold = cfg.dataset.get("folds"), cfg.dataset.get("fold")
+    if folds is not None and fold is not None and fold >= folds:
+        raise UserError(f"fold {fold} of {folds} folds", "dataset.fold", f"use 0..{folds - 1}")
     export = cfg.get("export")
     if export is not None and not (isinstance(export, ListConfig) and each_of(*EXPORT_FORMATS).ok(export)):
         raise UserError(f"unknown export format in {export}", "export",

@@ -221,6 +221,21 @@ def split_indices(n: int, fractions: Sequence[float], seed: int, labels: Sequenc
     return parts
 
 
+def fold_indices(val_idx: Sequence[int], train_idx: Sequence[int], folds: int, fold: int, seed: int,
+                 labels: Sequence | None = None, keys: Sequence[str] | None = None) -> tuple[list[int], list[int]]:  # fmt: skip
+    """k-fold cross-validation (`dataset.folds`, `dataset.fold`): the samples train and val would hold, cut into
+    `folds` folds placed like the splits (stratified by `labels`, each sample by a hash of its key and `seed`);
+    fold `fold` validates and the others train. The test split is not touched. Returns (val, train) indices."""
+    pool = sorted([*val_idx, *train_idx])
+    parts = split_indices(
+        len(pool), [1 / (folds - k) for k in range(folds - 1)], seed,
+        [labels[i] for i in pool] if labels is not None else None,
+        [keys[i] if keys is not None else str(i) for i in pool],
+    )  # fmt: skip
+    train = sorted(pool[j] for k, part in enumerate(parts) if k != fold for j in part)
+    return [pool[j] for j in parts[fold]], train
+
+
 def check_sizes(sizes: dict[str, int], name: str, where: str) -> None:
     """Every split needs a sample: with too few the fractions round to an empty split."""
     empty = [split for split, size in sizes.items() if not size]
@@ -278,6 +293,8 @@ def build_data(cfg: DictConfig) -> DataSplits:
             len(y), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed, labels
         )
         test_x, test_y = x[test_idx], y[test_idx]
+    if cfg.get("folds"):
+        val_idx, train_idx = fold_indices(val_idx, train_idx, cfg.folds, cfg.fold, cfg.split_seed, labels)
     val_x, val_y, train_x, train_y = x[val_idx], y[val_idx], x[train_idx], y[train_idx]
     sizes = {"train": len(train_y), "val": len(val_y), "test": len(test_y)}
     check_sizes(sizes, cfg.name, "dataset.test_fraction, dataset.val_fraction")
@@ -341,6 +358,8 @@ def _streamed_splits(cfg: DictConfig, source: Dataset, test_source: Dataset | No
             len(source), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed, labels, keys
         )
         test = SplitView(source, test_idx, "test")
+    if cfg.get("folds"):
+        val_idx, train_idx = fold_indices(val_idx, train_idx, cfg.folds, cfg.fold, cfg.split_seed, labels, keys)
     train, val = SplitView(source, train_idx, "train"), SplitView(source, val_idx, "val")
     check_sizes({"train": len(train), "val": len(val), "test": len(test)}, cfg.name,
                 "dataset.test_fraction, dataset.val_fraction")  # fmt: skip

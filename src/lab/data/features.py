@@ -78,6 +78,9 @@ def extract(features: nn.Module, dataset: Any, cfg: DictConfig, transform: Any, 
 
 # Dataset keys that change how batches are served, not what the features are.
 LOADER_KEYS = ("batch_size", "num_workers", "in_memory", "prefetch_factor", "pin_memory")
+# Keys that choose which samples a split holds: its content hash says that, so e.g. the test split, the same in
+# every fold of a k-fold sweep, is extracted once.
+MEMBERSHIP_KEYS = ("fold", "folds")
 
 
 def content_hash(dataset: Any) -> str | None:
@@ -110,7 +113,7 @@ def cache_key(model: nn.Module, weights: str, cfg: DictConfig, stage: str, datas
     return {
         "backbone": getattr(model, "name", type(model).__name__),
         "weights": weights,
-        "dataset": {k: v for k, v in data.items() if k not in LOADER_KEYS},
+        "dataset": {k: v for k, v in data.items() if k not in (*LOADER_KEYS, *MEMBERSHIP_KEYS)},
         "content": content_hash(dataset),
         "size": len(dataset),
         "split": stage,

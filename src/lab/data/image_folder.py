@@ -134,7 +134,7 @@ def check_readable(samples: list[tuple[str, int]]) -> None:
 
 def build(cfg: DictConfig) -> Any:
     """`dataset.root` → `DataSplits` of `ImageFiles`; called by `lab.data.build_data` via `dataset.builder`."""
-    from lab.data import DataSplits, Preprocess, check_class_names, check_sizes, split_indices
+    from lab.data import DataSplits, Preprocess, check_class_names, check_sizes, fold_indices, split_indices
 
     if not cfg.root:
         raise UserError(
@@ -173,6 +173,12 @@ def build(cfg: DictConfig) -> Any:
     for split, indices in zip(missing, parts, strict=False):
         given[split] = [pool[i] for i in indices]
     pool = [pool[i] for i in parts[-1]]
+    if cfg.get("folds"):  # k-fold: the folds cut what train and val hold together
+        both = [*pool, *given["val"]]
+        val_idx, train_idx = fold_indices([], range(len(both)), cfg.folds, cfg.fold, cfg.split_seed,
+                                          [label for _, label in both],
+                                          [str(Path(path).relative_to(root)) for path, _ in both])  # fmt: skip
+        given["val"], pool = [both[i] for i in val_idx], [both[i] for i in train_idx]
     check_sizes({"train": len(pool), "val": len(given["val"]), "test": len(given["test"])}, str(root),
                 "dataset.test_fraction, dataset.val_fraction")  # fmt: skip
     size, channels = int(cfg.image_size), int(cfg.channels)
