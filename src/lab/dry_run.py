@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,9 +105,14 @@ def check_schedulers(cfg: DictConfig, optimizer: Any, total_steps: int) -> None:
     schedulers = build_schedulers(node, throwaway, total_steps)
     try:
         check_learning_rates(throwaway, node)
-        throwaway.step()
-        schedulers.step_after_optimizer(1)
-        schedulers.step_after_epoch({schedulers.monitor: 0.0} if schedulers.monitor else {})
+        # No optimizer step: it would run torch's global optimizer hooks (yours too) for a step that never was;
+        # torch's warning that the scheduler stepped first is about this throw-away optimizer only.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", re.escape("Detected call of `lr_scheduler.step()` before"), UserWarning
+            )
+            schedulers.step_after_optimizer(1)
+            schedulers.step_after_epoch({schedulers.monitor: 0.0} if schedulers.monitor else {})
     except UserError:
         raise
     except Exception as e:
