@@ -17,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Before anything imports the standard library's distutils (some dependencies do): setuptools, which torch's
+# inductor imports for trainer.compile, refuses to load after that in the same process.
+import setuptools  # noqa: F401
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig

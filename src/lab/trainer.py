@@ -578,15 +578,15 @@ class Trainer:
         state = self.state
         if log_now:
             self.log_window(grad_norm, lrs, progress)
+        epoch_step = -(-state.batch_in_epoch // self.cfg.accumulate_grad_batches)
+        validate = epoch_step in self.val_steps and state.batch_in_epoch < num_batches
+        # A step's validation comes before its checkpoint: a run resumed from that checkpoint must not skip it.
+        if validate and self.stop_signal is None:
+            self.validate(self.train_metrics.compute("train", self.reduce), epoch_end=False)
         if self.checkpointer.step_due(state.global_step):
             self.save_last()
-        if self.stop_signal is not None:
+        if self.stop_signal is not None or (validate and self.should_stop):
             return True
-        epoch_step = -(-state.batch_in_epoch // self.cfg.accumulate_grad_batches)
-        if epoch_step in self.val_steps and state.batch_in_epoch < num_batches:
-            self.validate(self.train_metrics.compute("train", self.reduce), epoch_end=False)
-            if self.stop_signal is not None or self.should_stop:
-                return True
         return self.budget_spent()  # max_time mid-epoch: fit writes last.pt, resumable from exactly here
 
     def log_window(self, grad_norm: Tensor | None, lrs: dict[str, float] | None, progress: Any) -> None:
