@@ -678,5 +678,8 @@ def test_optuna_sweep_rerun_resumes_its_interrupted_trial_reruns_its_failed_one_
     assert study.trials[3].params == study.trials[0].params and study.trials[3].user_attrs == {"retry_of": 0}
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert (results.best_params, results.best_value) == (study.best_params, study.best_value)
-    assert read_csv(tmp_path)[0]["job"] == str(study.best_trial.number)
-    assert f"best: job {study.best_trial.number}" in proc.stdout
+    best = study.best_trial.number
+    summary = (tmp_path / "summary.md").read_text()
+    assert "4 jobs: 3 success, 1 diverged" in summary
+    assert summary.split("|---", 1)[1].splitlines()[1].startswith(f"| {best} | success | COMPLETE |")
+    assert read_csv(tmp_path)[0]["job"] == str(best) and f"best: job {best}" in proc.stdout
