@@ -348,3 +348,92 @@ def test_resumed_into_a_new_folder_reports_what_the_uninterrupted_run_reports(tm
     ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (resumed, reference))
     for key in ("val/acc", "val/loss", "test/acc", "test/loss", "best", "epochs", "global_step"):
         assert ours[key] == theirs[key], key
+
+
+# The recipes that keep state across a resume, on a short run: EMA weights, validation twice an epoch, MixUp and
+# gradient accumulation (8 batches, 4 optimizer steps an epoch, validated after step 2 and at the epoch's end; two
+# epochs, two val and test batches). `checkpoint.mode=min` on val/acc makes an early validation the best one, so
+# the last weights differ from it.
+RECIPES_RESUMED = [*ARGS, "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2",
+                   "trainer.limit_test_batches=2", "checkpoint.every_n_steps=1", "checkpoint.mode=min",
+                   "callbacks=[default,ema]", "callbacks.ema.decay=0.9", "mix=mixup", "trainer.val_check_interval=0.5",
+                   "trainer.accumulate_grad_batches=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recipes_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("recipes") / "reference"
+    train(run_dir, *RECIPES_RESUMED)
+    return run_dir
+
+
+def final_numbers(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        k: metrics[k]
+        for k in ("val/acc", "val/loss", "test/acc", "test/loss", "best", "epochs", "global_step")
+    }
+
+
+def test_resumed_with_recipes_into_a_new_folder_reports_what_the_uninterrupted_run_reports(
+    recipes_reference: Path, tmp_path: Path
+) -> None:
+    """EMA, two validations an epoch, MixUp and accumulation: killed (-9) after its best validation and resumed
+    with ckpt_path into a new folder, the run ends with the uninterrupted run's final numbers, exactly."""
+    best_step = ckpt.load(recipes_reference / "checkpoints" / "best.pt")["global_step"]
+    assert best_step < ckpt.load(recipes_reference / "checkpoints" / "last.pt")["global_step"]
+
+    killed = tmp_path / "killed"
+    best, last = killed / "checkpoints" / "best.pt", killed / "checkpoints" / "last.pt"
+    proc = popen_train(killed, *RECIPES_RESUMED)
+    while proc.poll() is None and not (last.is_file() and ckpt.load(last)["global_step"] > best_step):
+        wait_for_new_file(proc, last, file_id(last))
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert ckpt.load(best)["global_step"] == best_step
+
+    resumed = tmp_path / "resumed"
+    train(resumed, *RECIPES_RESUMED, f"ckpt_path={last}")
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert final_numbers(resumed) == final_numbers(recipes_reference)
+    assert_same_state(
+        ckpt.load(resumed / "checkpoints" / "best.pt"),
+        ckpt.load(recipes_reference / "checkpoints" / "best.pt"),
+    )
+
+
+def test_stop_signal_on_a_step_with_a_validation_due_validates_before_stopping(
+    recipes_reference: Path, tmp_path: Path
+) -> None:
+    """SIGTERM during optimizer step 6, after which epoch 2's mid-epoch validation is due: the run validates, then
+    writes last.pt and exits 143; resumed in place it has the uninterrupted run's validations and best.pt."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = [0]
+
+    def sigterm_at_step_6(optimizer, args, kwargs) -> None:
+        steps[0] += 1
+        if steps[0] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run_dir = tmp_path / "run"
+    hook = register_optimizer_step_post_hook(sigterm_at_step_6)
+    try:
+        proc = train(run_dir, *RECIPES_RESUMED, check=False)
+    finally:
+        hook.remove()
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["global_step"] == 6
+
+    train(run_dir, *RECIPES_RESUMED, "resume=auto")
+    assert "resume=auto: continuing this run folder" in (run_dir / "train.log").read_text()
+
+    def validations(path: Path) -> list[dict[str, str]]:
+        return [row for row in csv_rows(path) if row.get("val/acc")]
+
+    assert validations(run_dir / "metrics.csv") == validations(recipes_reference / "metrics.csv")
+    assert_same_state(
+        ckpt.load(run_dir / "checkpoints" / "best.pt"),
+        ckpt.load(recipes_reference / "checkpoints" / "best.pt"),
+    )

@@ -624,3 +624,62 @@ def test_a_preempted_submitit_job_writes_last_pt_is_requeued_and_resumes_in_its_
     reference = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["global_step"] == reference["global_step"] == 6
     torch.testing.assert_close(resumed["model"], reference["model"], rtol=0, atol=0)
+
+
+def test_optuna_sweep_rerun_resumes_its_interrupted_trial_reruns_its_failed_one_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Trial 0 diverges (its weights turned NaN after its first step: a fault, not its parameters), trial 1
+    completes, SIGTERM while trial 2 trains. The same command again: trial 2 continues from its own last.pt, trial
+    0's parameters run again as trial 3, trial 1 is not trained again; the study ends with the 3 completed trials
+    asked for, and the summary and optimization_results.yaml name the study's best trial."""
+    import optuna
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    args = ["sweep=optuna", "task_name=study", *RESUMABLE_JOB, "hydra.sweeper.n_trials=3"]
+    steps = [0]
+
+    def diverge_first_step(optimizer, *_) -> None:
+        steps[0] += 1
+        if steps[0] == 1:
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        param.fill_(float("nan"))
+
+    hook = register_optimizer_step_post_hook(diverge_first_step)
+    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM outside the training loop"))
+    try:
+        kill_when(tmp_path / "2" / "checkpoints" / "last.pt", lambda: os.kill(os.getpid(), signal.SIGTERM))
+        proc = multirun(tmp_path, *args, check=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        hook.remove()
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert optuna_trials(tmp_path) == [(0, "FAIL"), (1, "COMPLETE"), (2, "RUNNING")]
+    assert json.loads((tmp_path / "0" / "metrics.json").read_text())["status"] == "diverged"
+    interrupted_at = torch.load(tmp_path / "2" / "checkpoints" / "last.pt", weights_only=True)["global_step"]
+    done = tmp_path / "1" / "metrics.json"
+    before = done.read_bytes(), done.stat().st_mtime_ns
+
+    proc = multirun(tmp_path, *args)
+    assert "trial 0 failed in an earlier run of this sweep: run again as a new trial" in proc.stdout
+    assert (done.read_bytes(), done.stat().st_mtime_ns) == before  # not trained again
+    log = (tmp_path / "2" / "train.log").read_text()
+    assert f"sweep job 2: resuming from its own {tmp_path / '2' / 'checkpoints' / 'last.pt'}" in log
+    assert f"step {interrupted_at}" in log.split("resumed from", 1)[1].splitlines()[0]
+    steps_logged = [
+        int(line.split(",")[0]) for line in (tmp_path / "2" / "metrics.csv").read_text().splitlines()[1:]
+    ]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 6  # each step once, to the end
+
+    assert optuna_trials(tmp_path) == [(0, "FAIL"), (1, "COMPLETE"), (2, "COMPLETE"), (3, "COMPLETE")]
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert study.trials[3].params == study.trials[0].params and study.trials[3].user_attrs == {"retry_of": 0}
+    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert (results.best_params, results.best_value) == (study.best_params, study.best_value)
+    best = study.best_trial.number
+    summary = (tmp_path / "summary.md").read_text()
+    assert "4 jobs: 3 success, 1 diverged" in summary
+    assert summary.split("|---", 1)[1].splitlines()[1].startswith(f"| {best} | success | COMPLETE |")
+    assert read_csv(tmp_path)[0]["job"] == str(best) and f"best: job {best}" in proc.stdout

@@ -159,7 +159,9 @@ def test_resume_continues_the_same_wandb_run(tmp_outputs: Path) -> None:
     train(first, "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
               "logger=wandb")  # fmt: skip
     [path] = offline_runs(first)
-    run_id = read_run(path)["run"].run_id
+    started = read_run(path)
+    run_id = started["run"].run_id
+    assert not started["run"].resume and "lab/resumed_from_step" not in started["summary"]
     state = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
     assert state["loggers"] == {"wandb": {"id": run_id}}
 
@@ -168,6 +170,8 @@ def test_resume_continues_the_same_wandb_run(tmp_outputs: Path) -> None:
     [path] = offline_runs(second)
     resumed = read_run(path)
     assert resumed["run"].run_id == run_id
+    # Offline, W&B's `resumed` is never set (the server sets it); its `resume` and lab's entry say so.
+    assert resumed["run"].resume and resumed["summary"]["lab/resumed_from_step"] == state["global_step"] == 4
     assert [row["_step"] for row in resumed["history"] if "train/loss" in row] == [6, 8]
 
 

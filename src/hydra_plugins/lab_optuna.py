@@ -7,8 +7,9 @@ Config: `conf/hydra/sweeper/lab_optuna.yaml` and its `sampler/`, `pruner/`, `sto
 - job N is Optuna trial N: each job finds its trial through its own Hydra config (`hydra.job.num` and
   `hydra.sweeper`), reports to it after every validation and stops when the pruner says so (lab.optuna_trial);
 - `n_trials` counts the finished trials of the whole study, so re-running in the same sweep dir resumes it: a trial
-  left RUNNING by an interrupted sweep runs again as the same job, which continues from its own last.pt, and the
-  sampler is reseeded (its seed would repeat old trials);
+  left RUNNING by an interrupted sweep runs again as the same job, which continues from its own last.pt; a FAIL
+  trial of an earlier run is run again as a new trial with its parameters (user attribute `retry_of`), which counts
+  in its place; the sampler is reseeded (its seed would repeat old trials);
 - a job that failed, diverged (it returns NaN) or crashed is a FAIL trial; only crashes count against
   `max_failure_rate`; a job whose metrics.json says `pruned` is a PRUNED trial;
 - `objectives` (metrics.json keys) makes a (multi-objective) study; by default the objective is what the job
@@ -263,11 +264,17 @@ class LabOptunaSweeper(Sweeper):
             log.warning("trial %d was left running by an interrupted sweep: its job continues from its last.pt",
                         trial.number)  # fmt: skip
         trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+        for trial in trials:
+            if trial.state == TrialState.FAIL and trial.number not in retried:
+                study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+                log.warning("trial %d failed in an earlier run of this sweep: run again as a new trial with its "
+                            "parameters", trial.number)  # fmt: skip
         if trials:
             study.sampler.reseed_rng()  # its seed would propose the study's first trials again
-            finished = sum(t.state.is_finished() for t in trials)
-            log.info("resuming study %r: %d finished trials, %d to go", self.study_name, finished,
-                     max(0, self.n_trials - finished))  # fmt: skip
+            done = done_trials(study)
+            log.info("resuming study %r: %d finished trials, %d to go", self.study_name, done,
+                     max(0, self.n_trials - done))  # fmt: skip
 
     # ---------------------------------------------------------------- the loop
     def _run(self, study: Any, space: dict[str, Any], fixed: dict[str, str]) -> list[JobReturn]:
@@ -280,9 +287,7 @@ class LabOptunaSweeper(Sweeper):
             ret = self.launcher.launch([overrides], initial_job_idx=frozen.number)[0]
             self._tell(study, trial, ret)
             returns.append(ret)
-        while (
-            to_go := self.n_trials - sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-        ) > 0:
+        while (to_go := self.n_trials - done_trials(study)) > 0:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
             first = trials[0].number
             if [t.number for t in trials] != list(range(first, first + len(trials))):
@@ -339,6 +344,16 @@ class LabOptunaSweeper(Sweeper):
         path = Path(self.config.hydra.sweep.dir) / "optimization_results.yaml"
         OmegaConf.save(OmegaConf.create(results), path)
         log.info("best trial(s): %s", path)
+
+
+RETRY_OF = "retry_of"  # user attribute of a trial that runs a failed trial's parameters again
+
+
+def done_trials(study: Any) -> int:
+    """The finished trials that count towards `n_trials`: a FAIL trial that is run again counts through its retry."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    return sum(t.state.is_finished() and t.number not in retried for t in trials)
 
 
 def tell_study(study: Any, trial: Any, **kwargs: Any) -> None:

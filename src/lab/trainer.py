@@ -580,8 +580,9 @@ class Trainer:
             self.log_window(grad_norm, lrs, progress)
         epoch_step = -(-state.batch_in_epoch // self.cfg.accumulate_grad_batches)
         validate = epoch_step in self.val_steps and state.batch_in_epoch < num_batches
-        # A step's validation comes before its checkpoint: a run resumed from that checkpoint must not skip it.
-        if validate and self.stop_signal is None:
+        # A step's validation comes before its checkpoint, a stop signal's too: a run resumed from that checkpoint
+        # continues after it, so it must not be skipped.
+        if validate:
             self.validate(self.train_metrics.compute("train", self.reduce), epoch_end=False)
         if self.checkpointer.step_due(state.global_step):
             self.save_last()

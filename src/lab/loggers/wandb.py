@@ -165,6 +165,7 @@ class WandbLogger(Logger):
         self.summary = dict(summary or {})
         self.config: dict[str, Any] = {}
         self.id: str | None = None
+        self.resumed_from_step: int | None = None  # set when this process continues the run of a checkpoint
         self._run = None
         self._uploaded: dict[str, tuple[int, int]] = {}  # checkpoint file → (inode, mtime) last uploaded
 
@@ -178,15 +179,18 @@ class WandbLogger(Logger):
     def start(self) -> None:
         self._run = self._init()
         self.id = self._run.id
+        # Offline, W&B cannot tell that a run resumed (its `resumed` comes from the server): lab records it.
+        if self.resumed_from_step is not None:
+            self._run.summary["lab/resumed_from_step"] = self.resumed_from_step
         for metric, how in self.summary.items():  # e.g. val/acc: max → summary holds the best value
             self._run.define_metric(metric, summary=how)
 
     def _init(self):
         wandb = self.wandb
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(
-            self.init_kwargs, dir=str(self.save_dir), config=self.config, id=self.id, resume="allow"
-        )
+        # W&B's own record of a resume (the run record's `resume`, offline too): only for a continued run.
+        resume = "allow" if self.resumed_from_step is not None else None
+        kwargs = dict(self.init_kwargs, dir=str(self.save_dir), config=self.config, id=self.id, resume=resume)
         settings = wandb.Settings(init_timeout=self.init_timeout, console="off")
         mode = self.mode or os.environ.get("WANDB_MODE")
         if mode is None and not has_api_key():
@@ -218,7 +222,8 @@ class WandbLogger(Logger):
 
     # ------------------------------------------------------------ Logger
     def resume(self, global_step: int, state: Mapping[str, Any]) -> None:
-        self.id = state.get("id") or self.id  # same run id → W&B continues the run (resume="allow")
+        if state.get("id"):  # same run id → W&B continues the run (resume="allow")
+            self.id, self.resumed_from_step = state["id"], global_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"id": self.id} if self.id else {}
