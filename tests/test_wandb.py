@@ -199,7 +199,7 @@ def test_unknown_mode_is_a_one_line_error(tmp_outputs: Path) -> None:
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .startswith("error: unknown W&B mode 'sometimes' (logger.wandb.mode)")
+        .startswith("error: must be one of online, offline, disabled, got 'sometimes' (logger.wandb.mode)")
     )
     assert "Traceback" not in proc.stderr
 

@@ -10,11 +10,12 @@ This module imports no other lab module but `lab.errors`: it runs before anythin
 
 from __future__ import annotations
 
+import re
 import signal
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf reads these at runtime)
 
@@ -279,6 +280,117 @@ class SchedulerOptions:
     monitor: Optional[str] = None  # noqa: UP045  ReduceLROnPlateau's metric
 
 
+# ---- lab's own callbacks and loggers: `callbacks.<name>` and `logger.<name>` nodes ------------------------------
+# Each YAML file of conf/callbacks/ and conf/logger/ extends its schema (`defaults: [/schema/<group>/<name>@<name>,
+# _self_]`); a node built from one of these classes under any other name is checked against it too (`OWN_TARGETS`).
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """`callbacks.early_stopping`: stop when the monitored metric stops improving. → src/lab/callbacks/"""
+
+    _target_: str = "lab.callbacks.early_stopping.EarlyStopping"
+    monitor: str = "${checkpoint.monitor}"
+    mode: str = ranged("${checkpoint.mode}", one_of(*MODES))
+    # Validations (not epochs) without an improvement before stopping; null: off.
+    patience: Optional[int] = ranged(None, Range(lambda v: v > 0, "null or > 0", "5"))  # noqa: UP045
+    min_delta: float = ranged(0.0, AT_LEAST_ZERO)  # a change smaller than this is no improvement
+
+
+@dataclass
+class EMAConfig:
+    """`callbacks.ema`: an exponential moving average of the weights. → src/lab/callbacks/ema.py"""
+
+    _target_: str = "lab.callbacks.ema.EMA"
+    # Per optimizer step; 1 - decay is the weight of the newest weights.
+    decay: float = ranged(0.9998, Range(lambda v: 0 < v < 1, "a number in (0, 1)", "0.999"))
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) after n updates, as timm does
+    # ema: the final evaluation and best.pt's inference weights (predict, export) are the averages; raw: the weights.
+    evaluate_with: str = ranged("ema", one_of("ema", "raw"))
+    validate: bool = True  # evaluate the averages at every validation (val_ema/<metric>)
+
+
+@dataclass
+class MonitorCallbackConfig:
+    """`callbacks.monitor`: what the `monitor` group switches on. → src/lab/monitor.py"""
+
+    _target_: str = "lab.monitor.Monitor"
+    settings: Any = "${monitor}"
+    mean: Optional[List[float]] = "${oc.select:dataset.mean,null}"  # noqa: UP006, UP045  to show images as they were
+    std: Optional[List[float]] = "${oc.select:dataset.std,null}"  # noqa: UP006, UP045
+
+
+@dataclass
+class UnfreezeBackboneConfig:
+    """`callbacks.unfreeze_backbone`, added by conf/model/backbone/base.yaml. → src/lab/callbacks/unfreeze.py"""
+
+    _target_: str = "lab.callbacks.unfreeze.UnfreezeBackbone"
+    epoch: Optional[int] = ranged(None, AT_LEAST_ZERO)  # noqa: UP045  train the head alone for N epochs
+
+
+@dataclass
+class CSVLoggerConfig:
+    """`logger.csv`: one row per logging step. → src/lab/loggers/csv.py"""
+
+    _target_: str = "lab.loggers.csv.CSVLogger"
+    path: str = "${paths.output_dir}/metrics.csv"
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """`logger.tensorboard`: event files. → src/lab/loggers/tensorboard.py"""
+
+    _target_: str = "lab.loggers.tensorboard.TensorBoardLogger"
+    log_dir: str = "${paths.output_dir}/tensorboard"
+    flush_secs: int = ranged(30, POSITIVE)  # write buffered events to disk at least this often
+    # Events waiting for the writer thread before a log call blocks (torch's default, 10, made each epoch's burst
+    # of weight/gradient histograms wait for the disk).
+    max_queue: int = ranged(1000, POSITIVE)
+
+
+@dataclass
+class WandbWatch:
+    log: Optional[str] = ranged("gradients", one_of("gradients", "parameters", "all"))  # noqa: UP045  null: no watch
+    log_freq: int = ranged(100, POSITIVE)  # every N optimizer steps
+
+
+@dataclass
+class WandbLoggerConfig:
+    """`logger.wandb`: Weights & Biases. → src/lab/loggers/wandb.py"""
+
+    _target_: str = "lab.loggers.wandb.WandbLogger"
+    save_dir: str = "${paths.output_dir}"
+    project: str = "lab"
+    entity: Optional[str] = None  # noqa: UP045  your W&B user or team; null: your default entity
+    name: Optional[str] = None  # noqa: UP045  null: the Hydra job name + overrides, e.g. train:model=mlp
+    group: Optional[str] = None  # noqa: UP045  null: the sweep folder's name in a multirun, none otherwise
+    tags: List[str] = field(default_factory=list)  # noqa: UP006
+    notes: Optional[str] = None  # noqa: UP045
+    # null: WANDB_MODE, else online if an API key is found, else offline.
+    mode: Optional[str] = ranged(None, one_of("online", "offline", "disabled"))  # noqa: UP045
+    init_timeout: float = ranged(20.0, POSITIVE)  # seconds to wait for the W&B service before going offline
+    watch: WandbWatch = field(default_factory=WandbWatch)
+    # true: best.pt as a W&B Artifact at the end; all: also every epoch's last.pt.
+    log_checkpoints: Any = ranged(False, Range(lambda v: v is True or v is False or v == "all",
+                                               "true, false or all", "all"))  # fmt: skip
+    checkpoint_dir: Optional[str] = "${checkpoint.dirpath}"  # noqa: UP045
+    # The summary keeps these aggregates of a metric (define_metric); others keep their last value.
+    summary: Dict[str, str] = field(  # noqa: UP006
+        default_factory=lambda: {"val/acc": "max,last", "val/loss": "min,last", "train/loss": "min,last"}
+    )
+
+
+OWN = {
+    "callbacks": {"early_stopping": EarlyStoppingConfig, "ema": EMAConfig, "monitor": MonitorCallbackConfig},
+    "logger": {"csv": CSVLoggerConfig, "tensorboard": TensorBoardLoggerConfig, "wandb": WandbLoggerConfig},
+}
+# `_target_` → schema: lab's own classes wherever a config builds them.
+OWN_TARGETS = {
+    schema._target_: schema
+    for schema in (*OWN["callbacks"].values(), *OWN["logger"].values(), UnfreezeBackboneConfig)
+}
+
+
 # Group → schema. Registered ones are the base of their YAML files (`defaults: [schema, _self_]`); all are
 # checked by `check_schema` on the composed config.
 REGISTERED = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "paths": PathsConfig,
@@ -292,6 +404,9 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for group, schema in REGISTERED.items():
         store.store(group=group, name="schema", node=schema)
+    for group, schemas in OWN.items():
+        for name, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=schema)
 
 
 def check_schema(node: DictConfig, schema: type, key: str) -> None:
@@ -308,13 +423,22 @@ def check_schema(node: DictConfig, schema: type, key: str) -> None:
                         "give a value of the type the key takes") from None  # fmt: skip
     for name, f in known.items():
         value = node[name]
-        if isinstance(value, DictConfig) and isinstance(hints.get(name), type):
+        if isinstance(value, DictConfig) and is_dataclass(hints.get(name)):
             check_schema(value, hints[name], f"{key}.{name}")
         rule = f.metadata.get("range")
         if rule is not None and value is not None and not rule.ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-            raise UserError(f"must be {rule.want}, got {shown!r}", f"{key}.{name}",
-                            f"set e.g. {key}.{name}={rule.example}")  # fmt: skip
+            where = written_at(node, name, f"{key}.{name}")
+            raise UserError(f"must be {rule.want}, got {shown!r}", where, f"set e.g. {where}={rule.example}")
+
+
+def written_at(node: DictConfig, name: str, key: str) -> str:
+    """Where the user sets a value: `key`, or `a.b` when the value is `${a.b}` (e.g. the unfreezing callback's
+    `epoch: ${model.unfreeze_at_epoch}`)."""
+    if not OmegaConf.is_interpolation(node, name):
+        return key
+    written = re.fullmatch(r"\$\{([\w.]+)\}", str(OmegaConf.to_container(node, resolve=False)[name]))
+    return written.group(1) if written else key
 
 
 # ---- Building objects from the config -------------------------------------------------------------------------
@@ -446,10 +570,11 @@ def validate(cfg: DictConfig) -> None:
     if export is not None and not (isinstance(export, ListConfig) and each_of(*EXPORT_FORMATS).ok(export)):
         raise UserError(f"unknown export format in {export}", "export",
                         f"use a list of {', '.join(EXPORT_FORMATS)}, e.g. export=[state_dict,onnx]")  # fmt: skip
-    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
-    if patience is not None and not (_integer(patience) and patience > 0):
-        raise UserError(f"must be null or an integer > 0, got {patience!r}", "callbacks.early_stopping.patience",
-                        "set e.g. callbacks.early_stopping.patience=5")  # fmt: skip
+    for group in OWN:  # lab's own callbacks and loggers, under whatever name
+        for name, node in (cfg.get(group) or {}).items():
+            schema = OWN_TARGETS.get(str(node.get("_target_"))) if isinstance(node, DictConfig) else None
+            if schema is not None:
+                check_schema(node, schema, f"{group}.{name}")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
         what = (

@@ -7,12 +7,19 @@ from typing import Any
 
 from lab.callbacks.base import Callback
 from lab.checkpoint import improved
+from lab.config import EarlyStoppingConfig
 
 log = logging.getLogger(__name__)
 
 
 class EarlyStopping(Callback):
-    def __init__(self, monitor: str, mode: str, patience: int | None = None, min_delta: float = 0.0) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        mode: str,
+        patience: int | None = EarlyStoppingConfig.patience,
+        min_delta: float = EarlyStoppingConfig.min_delta,
+    ) -> None:
         """`patience`: validations without an improvement of `monitor` by more than `min_delta`; None: off.
 
         It counts validations, not epochs: one per epoch by default, more with `trainer.val_check_interval`,

@@ -23,21 +23,19 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lab.callbacks.base import Callback
-from lab.errors import UserError
+from lab.config import EMAConfig
 from lab.models.weights import load_model_state
 
 
 class EMA(Callback):
     def __init__(
-        self, decay: float = 0.9998, warmup: bool = True, evaluate_with: str = "ema", validate: bool = True
+        self,
+        decay: float = EMAConfig.decay,
+        warmup: bool = EMAConfig.warmup,
+        evaluate_with: str = EMAConfig.evaluate_with,
+        validate: bool = EMAConfig.validate,
     ) -> None:
-        if not isinstance(decay, (int, float)) or not 0 < decay < 1:
-            raise UserError(f"must be a number in (0, 1), got {decay!r}", "callbacks.ema.decay",
-                            "set e.g. callbacks.ema.decay=0.999")  # fmt: skip
-        if evaluate_with not in ("ema", "raw"):
-            raise UserError(
-                f"unknown value {evaluate_with!r}", "callbacks.ema.evaluate_with", "use ema or raw"
-            )
+        """What each argument means and takes: `EMAConfig` (checked there, before training)."""
         self.decay, self.warmup = float(decay), bool(warmup)
         self.evaluate_with, self.validate = evaluate_with, bool(validate)
         self.averaged: AveragedModel | None = None

@@ -47,6 +47,9 @@ class DataSplits:
     # Applied to each batch on the device (resize/normalise) when the splits hold raw tensors; else None.
     transform: Transform | None = None
     extra: dict = field(default_factory=dict)
+    # k-fold: the positions of the train and val samples in the pool the folds are cut from (train ∪ val in an
+    # order no fold changes), so that features of the pool computed once serve every fold; None without folds.
+    fold_positions: tuple[list[int], list[int]] | None = None
 
 
 class Preprocess:
@@ -293,8 +296,11 @@ def build_data(cfg: DictConfig) -> DataSplits:
             len(y), [cfg.test_fraction, cfg.val_fraction], cfg.split_seed, labels
         )
         test_x, test_y = x[test_idx], y[test_idx]
+    fold_positions = None
     if cfg.get("folds"):
+        place = {index: position for position, index in enumerate(sorted([*val_idx, *train_idx]))}
         val_idx, train_idx = fold_indices(val_idx, train_idx, cfg.folds, cfg.fold, cfg.split_seed, labels)
+        fold_positions = ([place[i] for i in train_idx], [place[i] for i in val_idx])
     val_x, val_y, train_x, train_y = x[val_idx], y[val_idx], x[train_idx], y[train_idx]
     sizes = {"train": len(train_y), "val": len(val_y), "test": len(test_y)}
     check_sizes(sizes, cfg.name, "dataset.test_fraction, dataset.val_fraction")
@@ -325,6 +331,7 @@ def build_data(cfg: DictConfig) -> DataSplits:
         class_names=class_names,
         transform=transform,
         extra=extra,
+        fold_positions=fold_positions,
     )
 
 

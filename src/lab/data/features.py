@@ -5,8 +5,12 @@ only needs the head. Features are computed once under `torch.inference_mode()`, 
 `InMemoryLoader` with the same seeded shuffling as the image loaders, so training sees the same batches in the same
 order as without caching. The trainer then calls `model.head` while checkpoints keep the full model.
 
+With k-fold cross-validation (`dataset.folds`) the features of the pool the folds are cut from (train ∪ val, in an
+order no fold changes) are computed once and each fold takes its rows, so with the disk cache below the folds of a
+sweep extract train and val once between them, and the test split once.
+
 With `paths.feature_cache` (a folder; null: off) the features are also kept on disk, shared by later runs and by
-every job of a sweep: one file per split, named by a hash of everything the features depend on (backbone and
+every job of a sweep: one file per split (or pool), named by a hash of everything the features depend on (backbone and
 its weights' fingerprint, dataset config, content: the tensors, or each image file's path, label, size and
 modification time; split, preprocessing, dtype, device type). A lock lets one job extract while the others wait;
 files are written to a temp name and renamed, so nobody reads half a file; a corrupt or stale file is rebuilt
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from lab.data import DataSplits
 from lab.data.loaders import InMemoryLoader, make_dataloader
@@ -148,6 +152,37 @@ def cached_split(cache_dir: str | Path, key: dict, compute: Callable[[], tuple[t
         return features, targets, False
 
 
+STAGES = ("train", "val", "test")
+
+
+def fold_pool(splits: DataSplits) -> Dataset | None:
+    """k-fold: the samples train and val hold together, in the order the folds are cut from, which no fold changes.
+    Its features, computed (and kept on disk) once, serve every fold: `splits.fold_positions` picks each fold's
+    rows. It holds the splits' own inputs and targets, so a fold that changed them (standardised with its own
+    training split's statistics) gets a pool, and a cache entry, of its own. None without folds, or for splits read
+    sample by sample (their features are not kept on disk either)."""
+    if splits.fold_positions is None:
+        return None
+    from lab.data.image_folder import ImageFiles
+
+    (train_pos, val_pos), train, val = splits.fold_positions, splits.train, splits.val
+    size = len(train_pos) + len(val_pos)
+    if isinstance(train, TensorDataset) and isinstance(val, TensorDataset):
+        tensors = []
+        for a, b in zip(train.tensors, val.tensors, strict=True):
+            both = a.new_empty((size, *a.shape[1:]))
+            both[train_pos], both[val_pos] = a, b
+            tensors.append(both)
+        return TensorDataset(*tensors)
+    if isinstance(train, ImageFiles) and isinstance(val, ImageFiles):  # read as val is (cached: no augmentation)
+        samples: list = [None] * size
+        for positions, split in ((train_pos, train), (val_pos, val)):
+            for position, sample in zip(positions, split.samples, strict=True):
+                samples[position] = sample
+        return ImageFiles(samples, val.transform, val.channels)
+    return None
+
+
 def cached_loaders(
     model: nn.Module,
     splits: DataSplits,
@@ -164,8 +199,10 @@ def cached_loaders(
     start = time.perf_counter()
     loaders, loaded = {}, []
     weights = model.features_fingerprint() if cache_dir else ""  # hashed once: ~1 s for VGG19
-    for stage in ("train", "val", "test"):
-        dataset = getattr(splits, stage)
+    pool = fold_pool(splits)
+    parts = {"pool": pool, "test": splits.test} if pool is not None else {s: getattr(splits, s) for s in STAGES}
+    computed = {}
+    for stage, dataset in parts.items():
 
         def compute(dataset=dataset):
             return extract(model.features, dataset, cfg, splits.transform, device)
@@ -179,6 +216,14 @@ def cached_loaders(
             loaded.append(hit)
         else:
             x, y = compute()
+        computed[stage] = x, y
+    if pool is not None:  # each fold's train and val: rows of the pool's features
+        x, y = computed.pop("pool")
+        for stage, positions in zip(("train", "val"), splits.fold_positions, strict=True):
+            index = torch.as_tensor(positions, dtype=torch.long, device=x.device)
+            computed[stage] = x[index], y[index]
+    for stage in STAGES:
+        x, y = computed[stage]
         loaders[stage] = InMemoryLoader(
             x.clone(), y.clone(), cfg.batch_size, stage == "train", seed, rank=rank, world_size=world_size
         )

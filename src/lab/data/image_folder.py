@@ -173,12 +173,14 @@ def build(cfg: DictConfig) -> Any:
     for split, indices in zip(missing, parts, strict=False):
         given[split] = [pool[i] for i in indices]
     pool = [pool[i] for i in parts[-1]]
+    fold_positions = None
     if cfg.get("folds"):  # k-fold: the folds cut what train and val hold together
         both = [*pool, *given["val"]]
         val_idx, train_idx = fold_indices([], range(len(both)), cfg.folds, cfg.fold, cfg.split_seed,
                                           [label for _, label in both],
                                           [str(Path(path).relative_to(root)) for path, _ in both])  # fmt: skip
         given["val"], pool = [both[i] for i in val_idx], [both[i] for i in train_idx]
+        fold_positions = (train_idx, val_idx)
     check_sizes({"train": len(pool), "val": len(given["val"]), "test": len(given["test"])}, str(root),
                 "dataset.test_fraction, dataset.val_fraction")  # fmt: skip
     size, channels = int(cfg.image_size), int(cfg.channels)
@@ -191,4 +193,5 @@ def build(cfg: DictConfig) -> Any:
         class_names=class_names,
         transform=Preprocess(size, channels, list(cfg.mean), list(cfg.std)),
         extra={"augmented": bool(cfg.augment)},
+        fold_positions=fold_positions,
     )

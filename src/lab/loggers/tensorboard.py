@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from lab.config import TensorBoardLoggerConfig
 from lab.loggers import Logger
 
 if TYPE_CHECKING:
@@ -19,9 +20,13 @@ if TYPE_CHECKING:
 
 
 class TensorBoardLogger(Logger):
-    def __init__(self, log_dir: str, flush_secs: int = 30, max_queue: int = 1000) -> None:
-        # max_queue: events waiting for the writer thread before a log call blocks (torch's default, 10, made each
-        # epoch's burst of weight/gradient histograms wait for the disk).
+    def __init__(
+        self,
+        log_dir: str,
+        flush_secs: int = TensorBoardLoggerConfig.flush_secs,
+        max_queue: int = TensorBoardLoggerConfig.max_queue,
+    ) -> None:
+        """What each argument means: `TensorBoardLoggerConfig`."""
         self.log_dir, self.flush_secs, self.max_queue = log_dir, flush_secs, max_queue
         self.purge_step: int | None = None
         self._writer = None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from lab.config import WandbLoggerConfig
 from lab.errors import UserError
 from lab.loggers import Logger
 from lab.redact import redact_override, scrub_text, secret_values
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
-
-MODES = ("online", "offline", "disabled")
 
 
 def has_api_key() -> bool:
@@ -121,7 +120,7 @@ class WandbLogger(Logger):
     def __init__(
         self,
         save_dir: str,
-        project: str = "lab",
+        project: str = WandbLoggerConfig.project,
         entity: str | None = None,
         name: str | None = None,
         group: str | None = None,
@@ -131,7 +130,7 @@ class WandbLogger(Logger):
         watch: Mapping[str, Any] | None = None,
         log_checkpoints: bool | str = False,
         checkpoint_dir: str | None = None,
-        init_timeout: float = 20.0,
+        init_timeout: float = WandbLoggerConfig.init_timeout,
         summary: Mapping[str, str] | None = None,
     ) -> None:
         try:
@@ -140,14 +139,6 @@ class WandbLogger(Logger):
             raise UserError(
                 "wandb is not installed", "logger", "pip install wandb (or `pip install -e .[wandb]`)"
             ) from e
-        if mode is not None and mode not in MODES:
-            raise UserError(
-                f"unknown W&B mode {mode!r}", "logger.wandb.mode", f"use one of {', '.join(MODES)} or null"
-            )
-        if log_checkpoints not in (True, False, "all"):
-            raise UserError(
-                f"got {log_checkpoints!r}", "logger.wandb.log_checkpoints", "use true, false or all"
-            )
         self.wandb = wandb
         self.save_dir = Path(save_dir)
         secrets = secret_override_values() | secret_values()
