@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, compose_config, run_train
+from conftest import TINY, compose_config, train
 
 from lab import Callback
 from lab import checkpoint as ckpt
@@ -107,7 +107,7 @@ def test_other_backbone_weights_are_refused_with_one_line(lean_run: Path, tmp_pa
     line = error.value.line()
     saved, mine = ckpt.load(best)["frozen"]["fingerprint"], model.frozen_identity()["fingerprint"]
     assert saved != mine and saved in line and mine in line and str(other) in line and "\n" not in line
-    proc = run_train(
+    proc = train(
         tmp_path / "cli",
         *SMALL,
         f"model.weights_path={other}",

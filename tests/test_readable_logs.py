@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_config, run_train
+from conftest import TINY, compose_config, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -63,7 +63,7 @@ def test_hparams_table_leads_with_what_distinguishes_runs(tb_run: Path, tmp_path
     assert not [k for k in table if k.startswith(("paths.", "checkpoint.", "logger.", "hydra"))]
     assert len(table) <= 12
     run_dir = tmp_path / "cli"  # through Hydra: the overridden keys and the group choices
-    proc = run_train(run_dir, *TINY, "optimizer=adamw", "optimizer.weight_decay=0.05", "model.dropout=0.2",
+    proc = train(run_dir, *TINY, "optimizer=adamw", "optimizer.weight_decay=0.05", "model.dropout=0.2",
                      "trainer.progress_bar=true")  # fmt: skip
     table = hparams(events(run_dir))
     assert table["optimizer"].string_value == "adamw" and table["model"].string_value == "simple_cnn"

@@ -283,13 +283,13 @@ def test_bad_recipe_values_fail_before_training_with_one_line(override: str, tmp
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_the_recipe_preset_through_the_real_cli(tmp_path: Path) -> None:
+def test_the_recipe_preset_through_the_command_line(tmp_path: Path) -> None:
     import csv
 
-    from conftest import run_train
+    from conftest import train
 
     run_dir = tmp_path / "run"
-    run_train(run_dir, "experiment=recipe", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+    train(run_dir, "experiment=recipe", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
               "trainer.log_every_n_steps=3", "scheduler.warmup_steps=3", "logger=csv", "trainer.device=cpu")  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "success" and metrics["monitor"] == "val_ema/acc"

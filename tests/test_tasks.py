@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, run_train
+from conftest import ROOT, compose_config, forked_train, train
 
 from lab import checkpoint as ckpt
 from lab.errors import UserError
@@ -71,8 +71,8 @@ def test_regression_evaluates_a_checkpoint_with_train_false(tmp_path: Path) -> N
     )
 
 
-def test_regression_through_the_cli(tmp_path: Path) -> None:
-    run_train(tmp_path / "run", *REGRESSION, "trainer.max_epochs=1", "logger=tensorboard")
+def test_regression_through_the_command_line(tmp_path: Path) -> None:
+    train(tmp_path / "run", *REGRESSION, "trainer.max_epochs=1", "logger=tensorboard")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "success" and metrics["monitor"] == "val/mae"
     summary = (tmp_path / "run" / "model_summary.txt").read_text()
@@ -207,17 +207,17 @@ def test_an_error_inside_a_user_dataset_reaches_the_cli_user_with_its_traceback(
     from conftest import cli_env
 
     env = cli_env(PYTHONPATH=f"{ROOT / 'src'}:{ROOT / 'tests'}")
-    proc = run_train(tmp_path / "run", "dataset.source._target_=test_tasks.RaisesTypeError",
-                     "+dataset.source.root=x", check=False, env=env, cwd=ROOT)  # fmt: skip
+    proc = forked_train(tmp_path / "run", "dataset.source._target_=test_tasks.RaisesTypeError",
+                        "+dataset.source.root=x", env=env)  # fmt: skip
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert "Traceback (most recent call last)" in proc.stderr
+    assert "Traceback (most recent call last)" in stderr
     # The frame of the user's own file that raised it, with its source line, then the exception itself.
-    assert (
-        f'File "{__file__}", line' in proc.stderr
-        and 'raise TypeError("my dataset got a bad argument")' in (proc.stderr)
+    assert f'File "{__file__}", line' in stderr and 'raise TypeError("my dataset got a bad argument")' in (
+        stderr
     )
-    assert "TypeError: my dataset got a bad argument" in proc.stderr
-    assert "put the dataset files" not in proc.stderr and "error: " not in proc.stderr  # no one-line guess
+    assert "TypeError: my dataset got a bad argument" in stderr
+    assert "put the dataset files" not in stderr and "error: " not in stderr  # no one-line guess
 
 
 def test_labels_outside_num_classes_fail_when_the_dataset_is_built(tmp_path: Path) -> None:

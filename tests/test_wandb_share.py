@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, cli_env, compose_config, run_train
+from conftest import ROOT, TINY, cli_env, compose_config, train
 from omegaconf import OmegaConf
 from test_wandb import offline_runs, read_run, records
 
@@ -23,7 +23,7 @@ SECRET = "hf_S3cretTokenValue0042"
 
 def test_secret_overrides_stay_out_of_every_file_the_run_writes(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "run"
-    run_train(run_dir, *TINY, "logger=many", f"+paths.hf_token={SECRET}", "+paths.db_password=pw-Hunter2-xyz")
+    train(run_dir, *TINY, "logger=many", f"+paths.hf_token={SECRET}", "+paths.db_password=pw-Hunter2-xyz")
     [path] = offline_runs(run_dir)
     record = read_run(path)["run"]
     assert "paths.hf_token=***" in record.display_name  # the name still says which overrides were given
@@ -41,7 +41,7 @@ def test_secret_overrides_stay_out_of_every_file_the_run_writes(tmp_outputs: Pat
 
 def test_watch_all_logs_the_head_on_cached_features_and_no_duplicate_histograms(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "watch"
-    run_train(run_dir, *TINY, "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32",
+    train(run_dir, *TINY, "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32",
               "logger=wandb", "logger.wandb.watch.log=all", "logger.wandb.watch.log_freq=1",
               "monitor.histograms.every_n_steps=1", f"paths.feature_cache={tmp_outputs / 'cache'}",
               "export=[state_dict]")  # fmt: skip
@@ -108,7 +108,7 @@ def test_agent_traps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     assert agent_argv(["train.py", "a=None", "b=x,y", "c=[1, 2]", "d=it's,here"]) == [
         "train.py", "a=null", "b='x,y'", "c=[1, 2]", "d='it\\'s,here'"]  # fmt: skip
-    proc = run_train(None, "-m", "optimizer.lr=0.1", env=cli_env(WANDB_SWEEP_ID="abc123"), check=False)
+    proc = train(None, "-m", "optimizer.lr=0.1", env=cli_env(WANDB_SWEEP_ID="abc123"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: a W&B sweep agent runs one job per process (-m)"
     )

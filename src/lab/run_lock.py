@@ -1,13 +1,16 @@
-"""One process per run folder: an exclusive `fcntl.flock` on `<run dir>/.lock`, held while the run lives.
+"""One process per run folder: an exclusive POSIX lock (`fcntl.lockf`) on `<run dir>/.lock`, held while the run lives.
 
 The OS drops the lock when the process ends, however it ends (even `kill -9`), so a stale lock never blocks a
-resume. A second process on the same folder stops at once with one line naming the running one. torchrun's ranks
-share rank 0's run dir and rank 0's lock (ranks > 0 take none). flock is local to a machine: on a network
-filesystem two machines may not see each other's lock.
+resume. A POSIX lock belongs to the process alone: DataLoader workers (forked, so holding copies of its
+descriptors) do not hold it, and a resume right after a kill is not refused while they wind down. A second
+process on the same folder stops at once with one line naming the running one. torchrun's ranks share rank 0's
+run dir and rank 0's lock (ranks > 0 take none). The lock is local to a machine: on a network filesystem two
+machines may not see each other's lock.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -27,8 +30,11 @@ def acquire(run_dir: str | Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise UserError(

@@ -290,8 +290,10 @@ class WandbLogger(Logger):
     def watch(self, model: nn.Module) -> None:
         """`model`: the module that runs each step (the head alone when backbone features are cached)."""
         if self.watch_cfg.get("log"):
+            # idx=0: W&B numbers watched models per process ("parameters/graph_1…" for the second), so the jobs
+            # of an in-process sweep or a second lab.fit in a notebook would each chart under other names.
             self.run.watch(
-                model, log=self.watch_cfg["log"], log_freq=int(self.watch_cfg.get("log_freq", 100))
+                model, log=self.watch_cfg["log"], log_freq=int(self.watch_cfg.get("log_freq", 100)), idx=0
             )
 
     def log_export(self, path: Path) -> None:
