@@ -199,9 +199,9 @@ class ShardedState:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_resumable(state: dict[str, Any], sharded_run: bool, where: str) -> None:
-    """A training checkpoint's optimizer state must fit the run: plain for a plain one, sharded for fsdp."""
-    if sharded_run and "sharded" not in state:
+def check_resumable(state: dict[str, Any], where: str) -> None:
+    """An fsdp run resumes from an fsdp run's last.pt: a whole optimizer state does not fit its shards."""
+    if "sharded" not in state:
         raise UserError("the checkpoint holds a whole optimizer state (written without fsdp), which fsdp does not "
                         "load", where, "resume it with the strategy that wrote it, or start from its weights: "
                         "ckpt_path=<run>/export/model.pt")  # fmt: skip

@@ -323,7 +323,7 @@ class Trainer:
         if self.network.fsdp:
             from lab.fsdp import check_resumable
 
-            check_resumable(checkpoint, True, f"ckpt_path={ckpt_path}")
+            check_resumable(checkpoint, f"ckpt_path={ckpt_path}")
         self.load_checkpoint_state(checkpoint)
         self.loggers.resume(self.state.global_step, checkpoint.get("loggers") or {})
         planned = self.state.global_step + self.remaining_steps()
