@@ -18,10 +18,11 @@ import torch
 from conftest import in_process, train
 from test_ddp import MODEL, only_run_dir, torchrun
 
-# The MLP on wine, 4 steps an epoch, clipped (the norm is taken over every rank's shards). Validation holds 21
-# samples, 11 and 10 on the two ranks: 3 batches of 5 and 2, so the ranks must pad their forwards to stay in step.
-RUN = ["dataset=wine", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=1",
-       "trainer.gradient_clip_val=0.5"]  # fmt: skip
+# The MLP on wine, 4 optimizer steps an epoch of 2 accumulated batches each (the first without gradient
+# reduction), clipped (the norm is taken over every rank's shards). Validation holds 21 samples, 11 and 10 on the
+# two ranks: 3 batches of 5 and 2, so the ranks must pad their forwards to stay in step.
+RUN = ["dataset=wine", "trainer.limit_train_batches=8", "trainer.accumulate_grad_batches=2",
+       "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=0.5"]  # fmt: skip
 FSDP = ["trainer.strategy=fsdp", "dataset.batch_size=5"]  # per process
 SINGLE = ["dataset.batch_size=10"]  # the global batch
 

@@ -214,9 +214,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         ) from None
     if is_state_dict(state):  # e.g. export/model.pt: weights only, nothing to resume
         return {"model": state, "epoch": 0, "global_step": 0}
-    if (
-        isinstance(state, dict) and "sharded" in state
-    ):  # fsdp's last.pt: the optimizer is in a folder beside it
+    if isinstance(state, dict) and "sharded" in state:
+        # fsdp's last.pt: the model's shards and the optimizer's are in the folder it names, beside it
         state["sharded"] = str(path.parent / state["sharded"])
         if not (Path(state["sharded"]) / ".metadata").is_file():
             raise UserError(f"the sharded state it names is missing or incomplete ({state['sharded']})", where,

@@ -272,9 +272,8 @@ def setup(cfg: TrainerConfig, device: torch.device) -> tuple[Distributed, torch.
     if strategy not in ("auto", "ddp", "fsdp"):
         raise UserError(f"unknown strategy {strategy!r}", "trainer.strategy", "use auto, ddp or fsdp")
     if world_size() <= 1:
-        if (
-            strategy == "fsdp"
-        ):  # refused by `Distributed.shard`, after what fsdp cannot run in any process count
+        if strategy == "fsdp":
+            # refused by `Distributed.shard`, after what fsdp cannot run in any number of processes
             return Distributed(device=device, strategy=strategy, trainer=cfg), device
         if strategy == "ddp":
             raise UserError(

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import shutil
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -90,10 +91,11 @@ def shard(model: nn.Module, settings: FSDPConfig, precision: str, device: torch.
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     bf16 = precision in ("bf16", "bf16-mixed")
-    # bf16 parameters and compute, fp32 gradient reduction and outputs (the loss is taken in fp32).
-    policy = (
-        MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if bf16 else MixedPrecisionPolicy()
-    )
+    policy = MixedPrecisionPolicy()
+    if bf16:  # bf16 parameters and compute, fp32 gradient reduction and outputs (the loss is taken in fp32)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+        )
     options = {
         "mesh": mesh,
         "reshard_after_forward": settings.reshard_after_forward,
@@ -143,7 +145,9 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # in one process DCP warns that it loads in one process, as meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -286,18 +286,16 @@ def build(cfg: DictConfig) -> Job:
         model.to(memory_format=torch.channels_last)
     # Before sharding: torchinfo's forward on rank 0 alone would wait for the other ranks under fsdp.
     summary = model_summary(model, task.example_input(device)) if main_rank else ""
-    ddp.shard(
-        cfg, model
-    )  # fsdp (which refuses frozen blocks, so never caches): in place, before the optimizer
+    # fsdp: in place, before the optimizer is built over the shards (it refuses frozen blocks: never a cache).
+    ddp.shard(cfg, model)
     head = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
     total_steps = optimizer_steps(trainer_cfg, len(loaders["train"]))
     schedulers = build_schedulers(cfg.scheduler, optimizer, total_steps)
     dry_run(cfg, splits, model, task, optimizer, augment, mix, total_steps, device)
     checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
-    checkpointer = ckpt.Checkpointer(
-        **checkpoint_cfg, write=main_rank, sharded=ddp.sharded_state(model, optimizer)
-    )
+    sharded = ddp.sharded_state(model, optimizer)  # fsdp: every rank saves its shards
+    checkpointer = ckpt.Checkpointer(**checkpoint_cfg, write=main_rank, sharded=sharded)
     if cfg.train and checkpointer.enabled and main_rank:
         check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})

@@ -118,10 +118,9 @@ class Network:
     ) -> None:
         self.model = model
         self.module = model if module is None else module
-        wrapped = (
-            distributed.wrap(self.module) if distributed is not None and distributed.enabled else self.module
-        )
-        self.fsdp = bool(distributed is not None and distributed.enabled and distributed.fsdp)
+        enabled = distributed is not None and distributed.enabled
+        wrapped = distributed.wrap(self.module) if enabled else self.module
+        self.fsdp = bool(enabled and distributed.fsdp)
         self.ddp = wrapped if wrapped is not self.module else None
         self.train_module: nn.Module = torch.compile(wrapped) if compile else wrapped
         if self.ddp is None:
@@ -566,9 +565,7 @@ class Trainer:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.gradient_clip_val)
         elif log_now:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
-        if grad_norm is not None and hasattr(
-            grad_norm, "full_tensor"
-        ):  # fsdp: the norm over every rank's shard
+        if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor, the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
         if self.cfg.nan_policy == "skip" and self.step_is_bad():
             self.skipped_steps += 1
@@ -658,8 +655,9 @@ class Trainer:
         if self.checkpointer.save_last:
             self.save_last()
             self.checkpointer.wait()
-            log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
-                        self.state.batch_in_epoch)  # fmt: skip
+            if self.checkpointer.write:  # rank 0 (the others took part, under fsdp, and wrote their shards)
+                log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
+                            self.state.batch_in_epoch)  # fmt: skip
         raise TrainingInterrupted(self.stop_signal)
 
     def progress(self, iterable: Iterable, total: int, initial: int = 0, desc: str = "") -> Iterable:
