@@ -132,7 +132,15 @@ def on_disk(dirpath: Path) -> str:
     return f"complete on disk, as they were: {', '.join(names)}"
 
 
-def _write_all(state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
+def _write_all(state: dict[str, Any], paths: list[Path], dropped: list[Path], sharded: Any = None) -> None:
+    """`sharded`: (the `lab.fsdp.ShardedState`, the folder just saved) when `paths[0]` is last.pt of an fsdp run."""
+    if sharded is not None:  # only last.pt names the folder and resumes; the others are the weights alone
+        sharded[0].wait()  # the folder is complete before last.pt names it
+        write_atomic(serialize({**state, "sharded": sharded[1]}), paths[0])
+        sharded[0].prune(paths[0].parent, sharded[1])
+        paths = paths[1:]
+        if not paths:
+            return
     data = serialize(state)
     write_atomic(data, paths[0])
     for path in paths[1:]:  # e.g. best.pt in the epoch that also wrote last.pt
@@ -206,6 +214,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         ) from None
     if is_state_dict(state):  # e.g. export/model.pt: weights only, nothing to resume
         return {"model": state, "epoch": 0, "global_step": 0}
+    if isinstance(state, dict) and "sharded" in state:
+        # fsdp's last.pt: the model's shards and the optimizer's are in the folder it names, beside it
+        state["sharded"] = str(path.parent / state["sharded"])
+        if not (Path(state["sharded"]) / ".metadata").is_file():
+            raise UserError(f"the sharded state it names is missing or incomplete ({state['sharded']})", where,
+                            "keep last.pt and its checkpoints/sharded/ folder together")  # fmt: skip
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise UserError(
@@ -226,8 +240,8 @@ def is_state_dict(state: Any) -> bool:
 
 
 def is_resumable(state: dict[str, Any]) -> bool:
-    """A training checkpoint (optimizer and all), not weights alone."""
-    return "optimizer" in state
+    """A training checkpoint (optimizer and all, or fsdp's sharded state), not weights alone."""
+    return "optimizer" in state or "sharded" in state
 
 
 class Checkpointer:
@@ -252,7 +266,12 @@ class Checkpointer:
         strict: bool = True,
         async_write: bool = True,
         save_frozen: bool = False,
+        write: bool = True,
+        sharded: Any = None,
     ) -> None:
+        """`write`: false on every rank of a torchrun job but rank 0, which decides as rank 0 and writes no file;
+        `sharded`: under fsdp, the model and optimizer shards every rank saves beside each last.pt
+        (`lab.fsdp.ShardedState`)."""
         self.dirpath = Path(dirpath)
         self.monitor, self.mode = monitor, mode
         self.save_last, self.save_top_k = save_last, save_top_k
@@ -262,7 +281,8 @@ class Checkpointer:
         self.async_write = async_write
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        if self.enabled and self.dirpath.is_dir():
+        self.write, self.sharded = write, sharded
+        if self.write and self.enabled and self.dirpath.is_dir():
             remove_stale_temp_files(self.dirpath)
 
     @property
@@ -278,7 +298,10 @@ class Checkpointer:
         return self.dirpath / "best.pt"
 
     def model_state(self, model: nn.Module) -> dict[str, Any]:
-        """`model` and `frozen` entries of a checkpoint (lean unless `save_frozen`): see `model_state`."""
+        """`model` and `frozen` entries of a checkpoint (lean unless `save_frozen`): see `model_state`. Under fsdp
+        every rank takes part in gathering the whole model to rank 0, and every other gets {}."""
+        if self.sharded is not None:
+            return {"model": self.sharded.model_state(), "frozen": None}
         return model_state(model, self.save_frozen)
 
     def step_due(self, global_step: int) -> bool:
@@ -318,17 +341,26 @@ class Checkpointer:
 
     def _submit(self, state: dict[str, Any], paths: list[Path], dropped: list[Path]) -> None:
         self.wait()
+        sharded = None
+        if self.sharded is not None:
+            state.pop("optimizer", None)  # in the sharded folder, with the model's shards
+            if self.last_path in paths:  # every rank
+                sharded = (self.sharded, self.sharded.save(self.dirpath, state["global_step"]))
+        if not self.write:
+            return
         if not self.async_write:
-            return _write_all(state, paths, dropped)
+            return _write_all(state, paths, dropped, sharded)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending = self._executor.submit(_write_all, snapshot(state), paths, dropped)
+        self._pending = self._executor.submit(_write_all, snapshot(state), paths, dropped, sharded)
 
     def wait(self) -> None:
         """Block until the last submitted checkpoint is on disk; re-raises its error (e.g. a full disk)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+        if self.sharded is not None:
+            self.sharded.wait()
 
     def close(self) -> None:
         try:

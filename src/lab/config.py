@@ -81,6 +81,8 @@ BATCH_LIMIT = Range(lambda v: (_integer(v) and v > 0) or (isinstance(v, float) a
                     "null, an integer > 0 or a fraction in (0, 1]", "0.25")  # fmt: skip
 VAL_INTERVAL = Range(BATCH_LIMIT.ok, "null, an integer > 0 (optimizer steps) or a fraction in (0, 1] of an epoch",
                      "0.25")  # fmt: skip
+CLASS_NAMES = Range(lambda v: len(v) > 0 and all(str(x).isidentifier() for x in v), "a list of class names",
+                    "[Linear]")  # fmt: skip
 SIGNALS = Range(lambda v: all(str(s).startswith("SIG") and hasattr(signal, str(s)) for s in v),
                 "a list of signal names", "[SIGINT,SIGTERM,SIGUSR1]")  # fmt: skip
 
@@ -116,6 +118,25 @@ DURATION = Range(_duration_ok, "null, seconds > 0 or [[DD:]HH:]MM:SS", "00:03:50
 # for it under `from __future__ import annotations`).
 
 
+BLOCKS = ["ConvBlock", "BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock",
+          "EncoderBlock", "Conv2dNormActivation", "Conv2d", "Linear"]  # fmt: skip
+
+
+@dataclass
+class FSDPConfig:
+    """`trainer.fsdp`: how `trainer.strategy=fsdp` shards the model. → src/lab/fsdp.py, docs/speed-and-scale.md"""
+
+    # Each module whose class has one of these names (outermost first) is one `fully_shard` unit; the root takes
+    # what no unit holds. The defaults cover the shipped models: simple_cnn's conv blocks, the MLP's and every
+    # head's Linear layers, the blocks of torchvision's ResNets, MobileNets, EfficientNets, ConvNeXts and ViTs.
+    blocks: List[str] = ranged(BLOCKS, CLASS_NAMES)  # noqa: UP006
+    # true: free the gathered parameters after each block's forward (gathered again for backward); false: keep
+    # them to the backward (more memory, less communication); null: FSDP's choice (true, false for the root).
+    reshard_after_forward: Optional[bool] = None  # noqa: UP045
+    cpu_offload: bool = False  # CUDA only: sharded parameters, gradients and optimizer state in CPU memory
+    async_save: bool = False  # write the sharded checkpoint in the background (torch.distributed.checkpoint)
+
+
 @dataclass
 class TrainerConfig:
     """`trainer`: the loop. → src/lab/trainer.py, conf/trainer/*.yaml"""
@@ -135,7 +156,7 @@ class TrainerConfig:
     channels_last: bool = False
     # An optimizer step every N batches; a shorter last window of an epoch is averaged over the batches it holds.
     accumulate_grad_batches: int = ranged(1, POSITIVE)
-    strategy: str = ranged("auto", one_of("auto", "ddp"))
+    strategy: str = ranged("auto", one_of("auto", "ddp", "fsdp"))
     gradient_clip_val: Optional[float] = ranged(None, POSITIVE)  # noqa: UP045
     log_every_n_steps: int = ranged(10, POSITIVE)
     limit_train_batches: Any = ranged(None, BATCH_LIMIT)  # null, an int (batches) or a float (fraction)
@@ -146,6 +167,11 @@ class TrainerConfig:
     stop_signals: List[str] = ranged(["SIGINT", "SIGTERM"], SIGNALS)  # noqa: UP006
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
     find_unused_parameters: bool = False  # DDP: true if some parameters get no gradient in a step (slower)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # trainer.strategy=fsdp
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fsdp, dict):  # from a composed config (`lab.trainer.trainer_config`)
+            self.fsdp = FSDPConfig(**self.fsdp)
 
 
 @dataclass

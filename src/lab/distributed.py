@@ -5,8 +5,8 @@ torchrun starts N copies of `train.py` and tells each its place through the envi
 `--local_rank`). Before Hydra composes the config, `agree_on_run()` makes every rank use rank 0's run id and
 start time, so that all ranks resolve the same run dir (hydra issue 2070). `setup()` picks the device (GPU
 `LOCAL_RANK`) and the process group backend (nccl on CUDA, gloo on the CPU); the loop then sees a
-`DistributedDataParallel` model, sharded loaders and an all-reduce for its metrics. Only rank 0 logs, prints and
-writes files.
+`DistributedDataParallel` model (or, with `trainer.strategy=fsdp`, one sharded by `lab.fsdp`), sharded loaders and
+an all-reduce for its metrics. Only rank 0 logs, prints and writes files.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -154,6 +155,8 @@ class Distributed:
     device: torch.device | None = None
     sync_batchnorm: bool = False
     find_unused_parameters: bool = False
+    strategy: str = "auto"  # auto and ddp: DistributedDataParallel; fsdp: FSDP2 (lab.fsdp)
+    trainer: TrainerConfig | None = None  # the settings of fsdp (trainer.fsdp, trainer.precision)
 
     @property
     def enabled(self) -> bool:
@@ -163,9 +166,40 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def shard(self, cfg: Any, model: torch.nn.Module) -> None:
+        """fsdp: refuse what it cannot run, then shard `model` in place (before its optimizer is built, over the
+        shards); a no-op for the other strategies. `cfg`: the whole composed config."""
+        if not self.fsdp:
+            return
+        from lab import fsdp
+
+        fsdp.refuse_unsupported(cfg, model, self.world_size, self.device or torch.device("cpu"))
+        fsdp.shard(model, self.trainer.fsdp, str(self.trainer.precision), self.device)
+
+    def sharded_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+        """fsdp: the checkpoints' sharded part (`lab.fsdp.ShardedState`); None otherwise."""
+        if not self.fsdp:
+            return None
+        from lab.fsdp import ShardedState
+
+        return ShardedState(model, optimizer, self.trainer.fsdp.async_save)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """`DistributedDataParallel` around the plain model (checkpoints keep saving the plain one)."""
+        """`DistributedDataParallel` around the plain model (checkpoints keep saving the plain one); under fsdp the
+        model itself, sharded by `shard`."""
         if not self.enabled:
+            return model
+        if self.fsdp:
+            from lab.fsdp import is_sharded
+
+            if not is_sharded(model):
+                raise ValueError(
+                    "trainer.strategy=fsdp: shard the model (Distributed.shard) before its optimizer"
+                )
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -187,6 +221,13 @@ class Distributed:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
+
+    @staticmethod
+    def most(count: int) -> int:
+        """The largest `count` of all ranks."""
+        value = torch.tensor([count])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value)
 
     @staticmethod
     def broadcast(tensors: list[torch.Tensor]) -> None:
@@ -228,9 +269,12 @@ class Distributed:
 def setup(cfg: TrainerConfig, device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when started by torchrun (`cfg` is `trainer`); returns this rank's place and device."""
     strategy = str(cfg.strategy)
-    if strategy not in ("auto", "ddp"):
-        raise UserError(f"unknown strategy {strategy!r}", "trainer.strategy", "use auto or ddp")
+    if strategy not in ("auto", "ddp", "fsdp"):
+        raise UserError(f"unknown strategy {strategy!r}", "trainer.strategy", "use auto, ddp or fsdp")
     if world_size() <= 1:
+        if strategy == "fsdp":
+            # refused by `Distributed.shard`, after what fsdp cannot run in any number of processes
+            return Distributed(device=device, strategy=strategy, trainer=cfg), device
         if strategy == "ddp":
             raise UserError(
                 "trainer=ddp needs one process per device, started by torchrun",
@@ -251,6 +295,8 @@ def setup(cfg: TrainerConfig, device: torch.device) -> tuple[Distributed, torch.
         device=device,
         sync_batchnorm=cfg.sync_batchnorm,
         find_unused_parameters=cfg.find_unused_parameters,
+        strategy=strategy,
+        trainer=cfg,
     )
     if not info.is_main:
         quiet()

@@ -115,11 +115,15 @@ class Monitor(Callback):
         if not loggers:
             return
         self.fixed_batch = self.first_samples(trainer, "val", max(cfg.predictions.count, 1))
+        if trainer.network.fsdp and (cfg.graph or cfg.histograms.enabled or self.drawn("predictions")
+                                     or cfg.embedding.enabled):  # fmt: skip
+            log.info("monitor: under fsdp no rank holds the whole model: no graph, histograms, prediction figure "
+                     "or embedding")  # fmt: skip
         if not self.batches_are_images:
             log.info("monitor: the batches are not images (a table, or cached backbone features): no graph, "
                      "image grid, prediction figure or embedding thumbnails")  # fmt: skip
             return
-        if cfg.graph:
+        if cfg.graph and not trainer.network.fsdp:
             was_training = trainer.model.training
             trainer.model.eval()
             try:
@@ -138,7 +142,7 @@ class Monitor(Callback):
     def on_after_backward(self, trainer: Any) -> None:
         """Every `every_n_steps`, and on an epoch's last step when none was due in it: short runs show them too."""
         step = trainer.state.global_step + 1  # the optimizer step about to be taken, as in log_metrics
-        if not trainer.loggers or not self.cfg.histograms.enabled:
+        if not trainer.loggers or not self.cfg.histograms.enabled or trainer.network.fsdp:
             return
         epoch = trainer.state.epoch
         if not due(self.cfg.histograms.every_n_steps, step) and not (
@@ -161,6 +165,7 @@ class Monitor(Callback):
             trainer.loggers
             and self.drawn("predictions")
             and self.batches_are_images
+            and not trainer.network.fsdp
             and due(cfg.predictions.every_n_epochs, epoch)
         ):
             self.log_predictions(trainer)
@@ -178,7 +183,7 @@ class Monitor(Callback):
         if self.drawn("confusion_matrix") or self.drawn("pr_curves"):
             for stage in self.cfg.stages:
                 self.log_classification(trainer, stage, every_epoch=False)
-        if self.cfg.embedding.enabled:
+        if self.cfg.embedding.enabled and not trainer.network.fsdp:
             self.log_embedding(trainer)
 
     # ------------------------------------------------------------ what is logged

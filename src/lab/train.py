@@ -202,6 +202,7 @@ class Job:
     task: Any
     trainer: Any
     resume: dict[str, Any] | None  # the checkpoint of ckpt_path, its weights already in `model`
+    summary: str  # torchinfo's, on rank 0
 
 
 def run(cfg: DictConfig) -> float:
@@ -283,15 +284,18 @@ def build(cfg: DictConfig) -> Job:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
+    # Before sharding: torchinfo's forward on rank 0 alone would wait for the other ranks under fsdp.
+    summary = model_summary(model, task.example_input(device)) if main_rank else ""
+    # fsdp: in place, before the optimizer is built over the shards (it refuses frozen blocks: never a cache).
+    ddp.shard(cfg, model)
     head = cached_features_head(cfg, model, splits, device, ddp, loaders)
     optimizer = build_optimizer(cfg.optimizer, model)
     total_steps = optimizer_steps(trainer_cfg, len(loaders["train"]))
     schedulers = build_schedulers(cfg.scheduler, optimizer, total_steps)
     dry_run(cfg, splits, model, task, optimizer, augment, mix, total_steps, device)
     checkpoint_cfg = OmegaConf.to_container(cfg.checkpoint, resolve=True)
-    if not main_rank:
-        checkpoint_cfg |= {"save_last": False, "save_top_k": 0}
-    checkpointer = ckpt.Checkpointer(**checkpoint_cfg)
+    sharded = ddp.sharded_state(model, optimizer)  # fsdp: every rank saves its shards
+    checkpointer = ckpt.Checkpointer(**checkpoint_cfg, write=main_rank, sharded=sharded)
     if cfg.train and checkpointer.enabled and main_rank:
         check_writable(checkpointer.dirpath, "checkpoint.dirpath")  # not after the first epoch
     loggers = build_loggers(cfg.get("logger")) if main_rank else LoggerFanOut({})
@@ -310,7 +314,7 @@ def build(cfg: DictConfig) -> Job:
         class_names=splits.class_names, show_progress=main_rank,
         checkpoint_extra={"config": config, "class_names": splits.class_names, "preprocess": preprocess},
     )  # fmt: skip
-    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, task, trainer, resume)
+    return Job(cfg, config, output_dir, main_rank, ddp, splits, model, task, trainer, resume, summary)
 
 
 def build_mix(cfg: DictConfig, task: Any) -> Any:
@@ -410,7 +414,7 @@ def fit_and_report(job: Job) -> float:
 
     cfg, trainer, loggers = job.cfg, job.trainer, job.trainer.loggers
     checkpointer = trainer.checkpointer
-    summary = model_summary(job.model, job.task.example_input(trainer.device)) if job.main_rank else ""
+    summary = job.summary
     if job.main_rank:
         if cfg.print_config:
             print_config(job.config)

@@ -106,7 +106,8 @@ class Network:
     model, or its head on cached features); `train_module` is that module wrapped in DistributedDataParallel
     and/or `torch.compile`, `eval_module` the same without the DDP wrapper (each rank evaluates its own shard,
     sizes may differ by one, and only metric sums are reduced, so no collective op of the wrapper may run per
-    batch)."""
+    batch). Under fsdp (`fsdp`) the model itself is sharded (`lab.fsdp`): every forward gathers parameters from
+    every rank, so all ranks run the same number of them, in training and in evaluation."""
 
     def __init__(
         self,
@@ -117,8 +118,10 @@ class Network:
     ) -> None:
         self.model = model
         self.module = model if module is None else module
-        self.ddp = distributed.wrap(self.module) if distributed is not None and distributed.enabled else None
-        wrapped = self.ddp if self.ddp is not None else self.module
+        enabled = distributed is not None and distributed.enabled
+        wrapped = distributed.wrap(self.module) if enabled else self.module
+        self.fsdp = bool(enabled and distributed.fsdp)
+        self.ddp = wrapped if wrapped is not self.module else None
         self.train_module: nn.Module = torch.compile(wrapped) if compile else wrapped
         if self.ddp is None:
             self.eval_module = self.train_module
@@ -126,10 +129,14 @@ class Network:
             self.eval_module = torch.compile(self.module) if compile else self.module
 
     def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager:
-        """DDP's `no_sync()` for a micro-batch that is not the last of its accumulation window: its gradients
-        stay local and are all-reduced together with the last one's."""
+        """DDP's `no_sync()` (FSDP's the same) for a micro-batch that is not the last of its accumulation window:
+        its gradients stay local and are reduced together with the last one's."""
         if accumulating and self.ddp is not None:
             return self.ddp.no_sync()
+        if accumulating and self.fsdp:
+            from lab.fsdp import no_gradient_sync
+
+            return no_gradient_sync(self.module)
         return contextlib.nullcontext()
 
 
@@ -219,6 +226,8 @@ class Trainer:
             "bf16-mixed": torch.bfloat16,
             "16-mixed": torch.float16,
         }.get(precision)
+        if self.network.fsdp:  # bf16 is FSDP's mixed-precision policy (lab.fsdp), not autocast
+            self.autocast_dtype = None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
         self.channels_last = bool(cfg.channels_last)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any bad loss since the last step
@@ -310,6 +319,10 @@ class Trainer:
         if not ckpt.is_resumable(checkpoint):
             log.info("ckpt_path=%s holds weights only: training starts from them at epoch 0", ckpt_path)
             return
+        if self.network.fsdp:
+            from lab.fsdp import check_resumable
+
+            check_resumable(checkpoint, f"ckpt_path={ckpt_path}")
         self.load_checkpoint_state(checkpoint)
         self.loggers.resume(self.state.global_step, checkpoint.get("loggers") or {})
         planned = self.state.global_step + self.remaining_steps()
@@ -332,7 +345,12 @@ class Trainer:
         """Everything needed to continue exactly where `state` was saved (model weights are loaded before)."""
         from lab.runtime import set_rng_state
 
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:  # an fsdp run's: model and optimizer from its folder, into this run's shards
+            from lab.fsdp import load_sharded
+
+            load_sharded(self.model, self.optimizer, state["sharded"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedulers.load_state_dict(state.get("scheduler") or {})
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -547,6 +565,8 @@ class Trainer:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.gradient_clip_val)
         elif log_now:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor, the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if self.cfg.nan_policy == "skip" and self.step_is_bad():
             self.skipped_steps += 1
             log.warning("non-finite loss at step %d: optimizer step skipped (%d so far)",
@@ -620,7 +640,13 @@ class Trainer:
     def check_weights_finite(self) -> None:
         """Part of every `checkpoint_state()` (one sync each), so a diverged state never reaches the disk."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # + BatchNorm stats
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # fsdp: this rank's shards
+        finite = (
+            torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        )
+        if self.network.fsdp:  # every rank checks its shards: all stop, or none
+            finite = self.reduce((~finite).float().to(self.device)) == 0
+        if not bool(finite):
             raise TrainingDiverged(
                 f"the weights hold NaN/Inf at step {self.state.global_step}: lower optimizer.lr, set "
                 "trainer.gradient_clip_val, or check the data; the last good checkpoint was kept"
@@ -630,8 +656,9 @@ class Trainer:
         if self.checkpointer.save_last:
             self.save_last()
             self.checkpointer.wait()
-            log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
-                        self.state.batch_in_epoch)  # fmt: skip
+            if self.checkpointer.write:  # rank 0 (the others took part, under fsdp, and wrote their shards)
+                log.warning("saved %s (epoch %d, batch %d)", self.checkpointer.last_path, self.state.epoch,
+                            self.state.batch_in_epoch)  # fmt: skip
         raise TrainingInterrupted(self.stop_signal)
 
     def progress(self, iterable: Iterable, total: int, initial: int = 0, desc: str = "") -> Iterable:
@@ -649,6 +676,8 @@ class Trainer:
         """(outputs, loss, targets) of each batch of a split in eval mode, up to `limit` batches."""
         loader, model = self.loaders[stage], self.network.eval_module
         num_batches = limit_batches(limit, len(loader))
+        # fsdp: a rank with fewer batches (shards may differ by a sample) runs as many forwards as the others.
+        padding = self.distributed.most(num_batches) - num_batches if self.network.fsdp else 0
         batches = loader.batches(0, num_batches)
         if progress:
             batches = self.progress(batches, total=num_batches, desc=stage)
@@ -660,6 +689,8 @@ class Trainer:
                     outputs, y = self.task.adapt(model(self.prepare(x)), y)
                     loss = self.task.loss(outputs, y)
                 yield outputs, loss, y
+            for _ in range(padding):  # outputs left out
+                model(self.task.example_input(self.device))
         finally:
             model.train(was_training)
 

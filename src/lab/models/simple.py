@@ -8,12 +8,15 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+class ConvBlock(nn.Sequential):
+    """Conv, BatchNorm, ReLU: a class of its own so that `trainer.fsdp.blocks` can name it."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
 
 
 class SimpleCNN(nn.Module):
@@ -22,11 +25,11 @@ class SimpleCNN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_block(in_channels, width),
-            conv_block(width, width),
+            ConvBlock(in_channels, width),
+            ConvBlock(width, width),
             nn.MaxPool2d(2),
-            conv_block(width, 2 * width),
-            conv_block(2 * width, 2 * width),
+            ConvBlock(width, 2 * width),
+            ConvBlock(2 * width, 2 * width),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )

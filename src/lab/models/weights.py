@@ -104,6 +104,10 @@ def load_model_state(
         )
     if not strict or frozen:
         state_dict = {key: value for key, value in state_dict.items() if key in own}
+    from lab.fsdp import is_sharded, load_full_state_dict
+
+    if is_sharded(model):  # trainer.strategy=fsdp: each rank keeps its shards of the whole tensors
+        return load_full_state_dict(model, state_dict, strict=strict and not frozen)
     model.load_state_dict(state_dict, strict=strict and not frozen)
 
 
