@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, ROOT, cli_env, in_process, run_cli
+from conftest import CONF, ROOT, Forked, cli_env, in_process, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -248,33 +248,6 @@ def test_optuna_study_in_sqlite_resumes(tmp_path: Path) -> None:
         assert f"optimizer.lr={trial.params['optimizer.lr']}" in row["overrides"]
 
 
-def test_optuna_sweep_interrupted_by_sigterm_continues_its_trial_from_its_checkpoint(tmp_path: Path) -> None:
-    """SIGTERM while trial 1 trains leaves it RUNNING with its last.pt; the same sweep again (more trials) runs
-    trial 1 again as job 1, which continues from its own last.pt, then asks trial 2; trial 0 is untouched."""
-    optuna_args = ["sweep=optuna", "task_name=study", *RESUMABLE_JOB]
-    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM outside the training loop"))
-    try:
-        kill_when(tmp_path / "1" / "checkpoints" / "last.pt", lambda: os.kill(os.getpid(), signal.SIGTERM))
-        proc = multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=2", check=False)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert proc.returncode == 143, proc.stderr[-2000:]
-    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "RUNNING")]
-    first_job = (tmp_path / "0" / "metrics.json").read_text()
-
-    proc = multirun(tmp_path, *optuna_args, "hydra.sweeper.n_trials=3")
-    assert (
-        "trial 1 was left running by an interrupted sweep: its job continues from its last.pt" in proc.stdout
-    )
-    assert "sweep job 1: resuming from its own" in (tmp_path / "1" / "train.log").read_text()
-    assert optuna_trials(tmp_path) == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
-    assert (tmp_path / "0" / "metrics.json").read_text() == first_job  # old trials' dirs untouched
-    rows = read_csv(tmp_path)
-    assert sorted(r["job"] for r in rows) == ["0", "1", "2"] and all(
-        metrics_of(r)["epochs"] == 3 for r in rows
-    )
-
-
 def test_optuna_failed_trials_and_exit_code(tmp_path: Path) -> None:
     # Every trial fails validation → NaN → Optuna FAIL; the sweep ends with a summary and exit code 1.
     proc = multirun(tmp_path, "sweep=optuna", "hydra.sweeper.n_trials=2", "optimizer.lr=-1", check=False)
@@ -474,14 +447,13 @@ def test_rerun_sweep_skips_finished_jobs_reruns_failed_ones_and_refuses_another_
 
 
 def test_sigterm_in_the_middle_of_a_grid_sweep_then_rerun_resumes_it(tmp_path: Path) -> None:
-    """The real CLI, SIGTERM while job 1 trains: exit 143, job 1 keeps its last.pt; the same command again skips
-    job 0, resumes job 1 from its own last.pt, and the summary counts these two jobs."""
+    """A sweep process (forked from this one) gets SIGTERM while job 1 trains: exit 143, job 1 keeps its last.pt;
+    the same command again skips job 0, resumes job 1 from its own last.pt, and the summary counts these two jobs."""
     args = ["-m", "trainer.progress_bar=false", "print_config=false", f"hydra.sweep.dir={tmp_path}", *TINY_JOB,
             *RESUMABLE_JOB, "optimizer.lr=1e-3,1e-2"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = Forked("train.py", args)
     kill_when(tmp_path / "1" / "checkpoints" / "last.pt", lambda: proc.send_signal(signal.SIGTERM))
-    out, _ = proc.communicate(timeout=300)
+    out = "\n".join(proc.communicate(timeout=300))
     assert proc.returncode == 143, out
     assert not (tmp_path / "1" / "metrics.json").exists()
     first = json.loads((tmp_path / "0" / "metrics.json").read_text())
