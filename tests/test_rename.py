@@ -112,7 +112,7 @@ def test_rename_a_copy_and_train_from_it(tmp_path: Path) -> None:
     assert not leftovers, "the old name is left in:\n" + "\n".join(leftovers)
     pyproject = (repo / "pyproject.toml").read_text()
     assert f'name = "{NEW}"' in pyproject and f'"{NEW}[wandb,sweep,export,dev]"' in pyproject
-    assert f"project: {NEW}\n" in (repo / "conf" / "logger" / "wandb.yaml").read_text()
+    assert f'project: str = "{NEW}"' in (repo / "src" / NEW / "config.py").read_text()  # the W&B project
 
     # The smoke run trained from the renamed package: its run folder and the config it ran with.
     (run_dir,) = (repo / "outputs" / "debug" / "runs").iterdir()
