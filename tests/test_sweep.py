@@ -578,7 +578,8 @@ def test_a_preempted_submitit_job_writes_last_pt_is_requeued_and_resumes_in_its_
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher._target_=hydra_plugins.lab_submitit.LocalLauncher",
             f"hydra.sweep.dir={sweep}", "trainer.progress_bar=false", "print_config=false", *REQUEUED]  # fmt: skip
-    sweeper = Forked("train.py", args, env=env)  # the sweep's own process; submitit starts the job's processes
+    # The sweep's own process (forked); submitit starts each run of the job as a fresh process.
+    sweeper = Forked("train.py", args, env=env)
     out, err = sweeper.communicate(timeout=300)
     assert sweeper.returncode == 0, out[-3000:] + err[-3000:]
     assert (tmp_path / "preempted").exists()  # the signal came, in the first run
