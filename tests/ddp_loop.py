@@ -4,6 +4,8 @@ also run in one process (rank 0 of 1), the reference of the comparisons."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lab import Callback
 from lab.config import TrainerConfig
 from lab.data.loaders import InMemoryLoader
 from lab.loggers import Logger, LoggerFanOut
@@ -125,6 +128,33 @@ def batchnorm_and_ema(distributed: Any, rank: int, world_size: int) -> dict[str,
     return {"model": model.state_dict(), "ema": ema.state_dict()["weights"], "val": trainer.val_metrics}
 
 
+class SignalOnRank1(Callback):
+    """A real SIGTERM to rank 1 alone, right after its optimizer step 2 (rank 0 gets none)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_optimizer_step(self, trainer: Any) -> None:
+        if self.rank == 1 and trainer.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def signal_on_one_rank(distributed: Any, rank: int, world_size: int) -> dict[str, Any]:
+    """A stop signal on one rank: every rank must stop after the same step (else the other waits forever)."""
+    from lab.trainer import TrainingInterrupted
+
+    model = mlp()
+    trainer = Trainer(model, task(), loaders(8, rank, world_size), torch.optim.SGD(model.parameters(), lr=0.5),
+                      TrainerConfig(max_epochs=2, progress_bar=False), distributed=distributed,
+                      callbacks={"signal": SignalOnRank1(rank)})  # fmt: skip
+    try:
+        trainer.fit()
+        stopped_by = None
+    except TrainingInterrupted as e:
+        stopped_by = e.signum
+    return {"model": model.state_dict(), "steps": trainer.state.global_step, "stopped_by": stopped_by}
+
+
 def main(out: Path) -> None:
     from lab.distributed import setup
 
@@ -135,6 +165,7 @@ def main(out: Path) -> None:
         "accumulation": accumulation(distributed, rank, world_size, batch_size=4, accumulate=2),
         "nan": nan_on_one_rank(distributed, rank, world_size),
         "batchnorm": batchnorm_and_ema(distributed, rank, world_size),
+        "signal": signal_on_one_rank(distributed, rank, world_size),
     }
     torch.save(results, out / f"rank{rank}.pt")
     distributed.close(success=True)

@@ -1,10 +1,12 @@
 """The loop under DistributedDataParallel, 2 gloo ranks through the real `torchrun` (`tests/ddp_loop.py`):
 accumulation with `no_sync` equals one process with the global batch, a NaN on one rank skips the step on both,
-throughput counts every rank's samples, and BatchNorm statistics and EMA averages agree on every rank."""
+throughput counts every rank's samples, BatchNorm statistics and EMA averages agree on every rank, and a stop
+signal on one rank stops both after the same step."""
 
 from __future__ import annotations
 
 import itertools
+import signal
 import subprocess
 import sys
 
@@ -73,3 +75,12 @@ def test_every_rank_ends_with_the_same_batchnorm_statistics_ema_and_validation(r
         for name, value in first[part].items():
             assert torch.equal(second[part][name], value), (part, name)
     assert first["val"] == second["val"]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(ranks: list[dict]) -> None:
+    first, second = (rank["signal"] for rank in ranks)
+    assert first["stopped_by"] == second["stopped_by"] == signal.SIGTERM
+    assert first["steps"] == second["steps"] == 2
+    for name, value in first["model"].items():
+        assert torch.equal(second["model"][name], value), name

@@ -416,7 +416,7 @@ class Trainer:
                 self.epoch_start = time.perf_counter()
                 self.callback("on_train_epoch_start")
                 train_metrics = self.train_epoch(train_loader, num_batches)
-                if self.stop_signal is not None:
+                if self.stop_requested():
                     self.save_interrupted()
                 if state.batch_in_epoch < num_batches:  # stopped mid-epoch: max_steps, max_time or a callback
                     if self.stop_reason == "max_steps" and self.validated_step != state.global_step:
@@ -432,9 +432,9 @@ class Trainer:
                     self.loggers.log_metrics(self.epoch_record(train_metrics), state.global_step)
                     if self.checkpointer.enabled:
                         self.save_validated(None, False)
-                if self.stop_signal is not None:  # arrived during validation: the epoch is complete
+                if self.stop_requested():  # arrived during validation: the epoch is complete
                     self.save_interrupted()
-                if self.should_stop:  # asked by a callback: a normal end, checkpoints written
+                if self.any_rank(self.should_stop):  # asked by a callback: a normal end, checkpoints written
                     self.stop_reason = self.stop_reason or "callback"
                     break
         if self.checkpointer.save_last and self.last_saved_step != state.global_step:
@@ -461,11 +461,22 @@ class Trainer:
             due = set(range(int(interval), steps + 1, int(interval)))
         return {step for step in due if step < steps}  # the epoch's end validates anyway
 
+    def any_rank(self, flag: bool) -> bool:
+        """`flag` on any rank (one small all-reduce under torchrun). A decision to stop must be the same on every
+        rank: one that stopped alone would leave the others waiting in their next collective."""
+        return flag if self.distributed is None else self.distributed.most(int(flag)) > 0
+
+    def stop_requested(self) -> bool:
+        """A stop signal has arrived, here or on another rank (a signal reaches the ranks at different steps)."""
+        if self.distributed is not None:
+            self.stop_signal = self.distributed.most(self.stop_signal or 0) or None
+        return self.stop_signal is not None
+
     def budget_spent(self) -> bool:
         """`max_steps` taken or `max_time` (seconds of this process's fit) used up; sets `stop_reason`."""
         if self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps:
             self.stop_reason = "max_steps"
-        elif self.max_time is not None and time.monotonic() - self.fit_start >= self.max_time:
+        elif self.max_time is not None and self.any_rank(time.monotonic() - self.fit_start >= self.max_time):
             self.stop_reason = "max_time"
         else:
             return False
@@ -606,7 +617,7 @@ class Trainer:
             self.validate(self.train_metrics.compute("train", self.reduce), epoch_end=False)
         if self.checkpointer.step_due(state.global_step):
             self.save_last()
-        if self.stop_signal is not None or (validate and self.should_stop):
+        if self.stop_requested() or (validate and self.any_rank(self.should_stop)):
             return True
         return self.budget_spent()  # max_time mid-epoch: fit writes last.pt, resumable from exactly here
 
