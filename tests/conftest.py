@@ -214,7 +214,8 @@ def _forked_main(path: Path, args: list[str], env: dict[str, str], cwd: Path, ou
     finally:
         try:
             threading._shutdown()
-            atexit._run_exitfuncs()
+            atexit._run_exitfuncs()  # those registered since the fork
+            logging.shutdown()  # registered at exit by `logging` itself in a fresh interpreter: flushes the log files
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
