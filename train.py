@@ -12,15 +12,17 @@ import lab  # noqa: F401  (registers the config resolvers)
 CONF = Path(__file__).resolve().parent / "conf"
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    from lab.train import main as train
+def train(cfg: DictConfig) -> float:
+    from lab.train import main as run
 
-    return train(cfg)
+    return run(cfg)
+
+
+main = hydra.main(version_base="1.3", config_path="conf", config_name="train")(train)
 
 
 if __name__ == "__main__":
-    from lab.config import precheck
+    from lab.config import precheck, run_composed
     from lab.errors import UserError
     from lab.redact import load_env
 
@@ -31,15 +33,23 @@ if __name__ == "__main__":
     from lab.choices import preferred_overrides
 
     sys.argv += preferred_overrides(sys.argv[1:], CONF)  # dataset=diabetes → model=mlp task=regression
-    try:
-        precheck(sys.argv[1:])  # an unknown key, a wrong type or option: one line, before Hydra starts
-    except UserError as e:
-        e.exit()
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every rank takes rank 0's run dir
-        from lab.distributed import WRITES_NOTHING, agree_on_run, refuse_multirun
+    single_process = os.environ.get("WORLD_SIZE", "1") == "1"
+    if single_process and not any(arg.startswith("-") for arg in sys.argv[1:]):
+        # One run and no Hydra flags: Hydra's run composes the config once; a mistake in it is one line.
+        try:
+            run_composed(sys.argv[1:], train)
+        except UserError as e:
+            e.exit()
+    else:
+        try:
+            precheck(sys.argv[1:])  # an unknown key, a wrong type or option: one line, before Hydra starts
+        except UserError as e:
+            e.exit()
+        if not single_process:  # under torchrun: every rank takes rank 0's run dir
+            from lab.distributed import WRITES_NOTHING, agree_on_run, refuse_multirun
 
-        refuse_multirun(sys.argv[1:])
-        agree_on_run()
-        if os.environ.get("RANK", "0") != "0":  # rank 0 alone writes the run dir; other nodes write nothing
-            sys.argv += WRITES_NOTHING
-    main()
+            refuse_multirun(sys.argv[1:])
+            agree_on_run()
+            if os.environ.get("RANK", "0") != "0":  # rank 0 alone writes the run dir, other nodes nothing
+                sys.argv += WRITES_NOTHING
+        main()

@@ -530,6 +530,36 @@ def precheck(argv: Sequence[str]) -> None:
     compose_train(overrides_of(argv), single_only=True)
 
 
+def run_composed(overrides: Sequence[str], task: Callable[[DictConfig], Any]) -> Any:
+    """Hydra's run of `task` on `conf/train.yaml` composed with `overrides` (the run folder, `.hydra/`, logging and
+    Hydra callbacks of `python train.py`), returning Hydra's `JobReturn`; the config is composed once.
+
+    Only when Hydra's composition fails is the config composed again (`compose_train`), for the one-line
+    `UserError` that names the mistake; an exception raised once the task has started is raised as it is.
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    started = False
+
+    def job(cfg: DictConfig) -> Any:
+        nonlocal started
+        started = True
+        return task(cfg)
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), job_name="train", version_base="1.3"):
+            hydra = GlobalHydra.instance().hydra
+            # `hydra.mode=RUN`: recorded in `.hydra/hydra.yaml` as `@hydra.main` records it for a single run.
+            return hydra.run("train", job, [*overrides, "hydra.mode=RUN"], with_log_configuration=True)
+    except Exception as e:
+        if started:
+            raise
+        error = e
+    compose_train(overrides)  # outside Hydra's context, which is gone now: raises the one line
+    raise error
+
+
 def compose_train(
     overrides: Sequence[str], single_only: bool = False, return_hydra_config: bool = False
 ) -> Any:
