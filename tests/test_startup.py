@@ -99,3 +99,12 @@ def test_the_model_graph_runs_the_model_once(tmp_path: Path) -> None:
     logger.close()
     graph = EventAccumulator(str(tmp_path)).Reload().Graph()
     assert calls == [1] and any("Conv2d" in node.name for node in graph.node)
+
+
+def test_test_false_draws_no_figures_of_the_test_split(tmp_path: Path) -> None:
+    """The end-of-training PR curves (on by default) cover the splits the run evaluates: with `test=false` no pass
+    over the test split is made for them."""
+    train(tmp_path / "run", "trainer.max_steps=1", "test=false")
+    tags = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Tags()["tensors"]
+    assert any(tag.startswith("final/val/pr_curve/") for tag in tags)
+    assert not any(tag.startswith("final/test/") for tag in tags)
