@@ -18,7 +18,9 @@ def train(cfg: DictConfig) -> float:
     return run(cfg)
 
 
-main = hydra.main(version_base="1.3", config_path="conf", config_name="train")(train)
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
 
 
 if __name__ == "__main__":
