@@ -286,9 +286,10 @@ def startup(args, workdir: Path) -> list[dict]:
         rows.append({"case": f"startup {case}", "mode": "python -c 'import torch'",
                      "note": f"{med['torch']['end']:.2f} s (CPU {med['torch']['cpu']:.2f} s)"})  # fmt: skip
         for who in ("hand-written", *labs):
-            m = med[who]
+            m, cpus = med[who], [r["cpu"] for r in runs[who]]
             rows.append({"case": f"startup {case}", "mode": f"{who} one-batch run: first step / exit",
-                         "note": f"{m['step']:.2f} s / {m['end']:.2f} s (CPU {m['cpu']:.2f} s)"})  # fmt: skip
+                         "note": f"{m['step']:.2f} s / {m['end']:.2f} s (CPU {m['cpu']:.2f} s, rounds "
+                                 f"{min(cpus):.2f}–{max(cpus):.2f})"})  # fmt: skip
         for who in labs:
             extra = med[who]["end"] - med["hand-written"]["end"]
             extra_cpu = med[who]["cpu"] - med["hand-written"]["cpu"]
