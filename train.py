@@ -35,19 +35,20 @@ if __name__ == "__main__":
     from lab.choices import preferred_overrides
 
     sys.argv += preferred_overrides(sys.argv[1:], CONF)  # dataset=diabetes → model=mlp task=regression
-    single_process = os.environ.get("WORLD_SIZE", "1") == "1"
-    if single_process and not any(arg.startswith("-") for arg in sys.argv[1:]):
-        # One run and no Hydra flags: Hydra's run composes the config once; a mistake in it is one line.
+    distributed = os.environ.get("WORLD_SIZE", "1") != "1"
+    flags = any(arg.startswith("-") or arg.lstrip("+~").startswith("hydra.mode=") for arg in sys.argv[1:])
+    if not distributed and not flags:
+        # One run, no Hydra flags: Hydra's run composes the config once; a mistake in it is one line.
         try:
             run_composed(sys.argv[1:], train)
         except UserError as e:
             e.exit()
-    else:
+    else:  # a sweep, Hydra's flags (--cfg, --help, ...) or torchrun: Hydra's own command line
         try:
             precheck(sys.argv[1:])  # an unknown key, a wrong type or option: one line, before Hydra starts
         except UserError as e:
             e.exit()
-        if not single_process:  # under torchrun: every rank takes rank 0's run dir
+        if distributed:  # under torchrun: every rank takes rank 0's run dir
             from lab.distributed import WRITES_NOTHING, agree_on_run, refuse_multirun
 
             refuse_multirun(sys.argv[1:])

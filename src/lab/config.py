@@ -539,6 +539,7 @@ def run_composed(overrides: Sequence[str], task: Callable[[DictConfig], Any]) ->
     """
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
 
     started = False
 
@@ -550,13 +551,15 @@ def run_composed(overrides: Sequence[str], task: Callable[[DictConfig], Any]) ->
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), job_name="train", version_base="1.3"):
             hydra = GlobalHydra.instance().hydra
-            # `hydra.mode=RUN`: recorded in `.hydra/hydra.yaml` as `@hydra.main` records it for a single run.
-            return hydra.run("train", job, [*overrides, "hydra.mode=RUN"], with_log_configuration=True)
+            return hydra.run("train", job, list(overrides), with_log_configuration=True)
     except Exception as e:
         if started:
             raise
         error = e
-    compose_train(overrides)  # outside Hydra's context, which is gone now: raises the one line
+    # Outside Hydra's context, which is gone now: the one line for a mistake, or for a config that sweeps.
+    if compose_train(overrides, return_hydra_config=True).hydra.mode == RunMode.MULTIRUN:
+        raise UserError("the config asks for a sweep (hydra.mode: MULTIRUN)", "hydra.mode",
+                        "run it with -m: python train.py -m ...") from None  # fmt: skip
     raise error
 
 
