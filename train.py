@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from lab.config import precheck, run_composed
+    from lab.config import SweepConfig, precheck, run_composed
     from lab.errors import UserError
     from lab.redact import load_env
 
@@ -41,6 +41,8 @@ if __name__ == "__main__":
         # One run, no Hydra flags: Hydra's run composes the config once; a mistake in it is one line.
         try:
             run_composed(sys.argv[1:], train)
+        except SweepConfig:  # the config's own files ask for a sweep (nothing was run): Hydra runs it
+            main()
         except UserError as e:
             e.exit()
     else:  # a sweep, Hydra's flags (--cfg, --help, ...) or torchrun: Hydra's own command line

@@ -556,11 +556,17 @@ def run_composed(overrides: Sequence[str], task: Callable[[DictConfig], Any]) ->
         if started:
             raise
         error = e
-    # Outside Hydra's context, which is gone now: the one line for a mistake, or for a config that sweeps.
-    if compose_train(overrides, return_hydra_config=True).hydra.mode == RunMode.MULTIRUN:
-        raise UserError("the config asks for a sweep (hydra.mode: MULTIRUN)", "hydra.mode",
-                        "run it with -m: python train.py -m ...") from None  # fmt: skip
+    # Outside Hydra's context, which is gone now: the one line for a mistake, or a config that sweeps.
+    hydra_cfg = compose_train(overrides, single_only=True, return_hydra_config=True).hydra
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise SweepConfig("the config asks for a sweep (hydra.mode: MULTIRUN)", "hydra.mode",
+                          "run it with python train.py -m ...") from None  # fmt: skip
+    compose_train(overrides)  # a sweep value (`a=1,2`) without a sweep
     raise error
+
+
+class SweepConfig(UserError):
+    """`run_composed` on a config whose own files set `hydra.mode: MULTIRUN`: a sweep, for Hydra's command line."""
 
 
 def compose_train(
