@@ -534,8 +534,9 @@ def run_composed(overrides: Sequence[str], task: Callable[[DictConfig], Any]) ->
     """Hydra's run of `task` on `conf/train.yaml` composed with `overrides` (the run folder, `.hydra/`, logging and
     Hydra callbacks of `python train.py`), returning Hydra's `JobReturn`; the config is composed once.
 
-    Only when Hydra's composition fails is the config composed again (`compose_train`), for the one-line
-    `UserError` that names the mistake; an exception raised once the task has started is raised as it is.
+    Only when Hydra's run fails before the task starts is the config composed again (`compose_train`): a mistake
+    is the one-line `UserError` that names it, a config whose own files ask for a sweep is a `SweepConfig`; an
+    exception raised once the task has started is raised as it is.
     """
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
