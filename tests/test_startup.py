@@ -1,5 +1,6 @@
-"""Start-up: a run imports only what it uses. Checked in real processes that load tests/import_probe/sitecustomize.py,
-which reports every imported module and which files asked for a watched package."""
+"""Start-up: a run imports only what it uses and does each piece of start-up work once. Imports are checked in real
+processes that load tests/import_probe/sitecustomize.py, which reports every imported module and which files asked
+for a watched package; the work done once is counted in this process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, cli_env, run_train
+import pytest
+import torch
+from conftest import ROOT, cli_env, isolated_process, run_train, train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lab
+from lab.loggers.tensorboard import TensorBoardLogger
+from lab.models.simple import SimpleCNN
 
 PROBE = Path(__file__).resolve().parent / "import_probe"
 
@@ -45,3 +53,58 @@ def test_a_table_run_imports_no_torchvision_wandb_onnx_or_optuna(tmp_path: Path)
     own = f"{os.sep}torchvision{os.sep}", f"{os.sep}torchmetrics{os.sep}"
     assert [(file, module) for file, module in imports["requests"] if not any(p in file for p in own)] == []
     assert "torchvision" not in modules or "torchmetrics" in modules
+
+
+@pytest.mark.parametrize("launcher", ["train.py", "lab.fit"])
+def test_a_run_composes_its_config_once(
+    launcher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hydra's run composes the config; neither an early check of the command line nor Hydra's question "run or
+    sweep?" composes it again (a composition costs a few tenths of a CPU second)."""
+    from hydra._internal.hydra import Hydra
+
+    composed: list[object] = []
+    compose_config = Hydra.compose_config
+
+    def counted(self: Hydra, *args: object, **kwargs: object) -> object:
+        composed.append(kwargs.get("overrides"))
+        return compose_config(self, *args, **kwargs)
+
+    monkeypatch.setattr(Hydra, "compose_config", counted)
+    run_dir, overrides = tmp_path / "run", ["dataset=wine", "model=mlp", "trainer.max_steps=1", "test=false"]
+    if launcher == "train.py":
+        train(run_dir, *overrides)
+    else:
+        with isolated_process(cli_env(), ROOT):
+            lab.fit([*overrides, "print_config=false", f"hydra.run.dir={run_dir}"])
+    assert len(composed) == 1 and (run_dir / "metrics.json").is_file()
+
+
+def test_a_config_mistake_is_still_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    proc = train(tmp_path / "run", "model=mlp", "model.hiden=32", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown key 'hiden' (model.hiden): model has _target_, depth, dropout, hidden, input_shape, "
+        "num_outputs"
+    ]
+
+
+def test_the_model_graph_runs_the_model_once(tmp_path: Path) -> None:
+    """TensorBoard's add_graph traces with torch.jit's check, which traces and runs the model twice more."""
+    model = SimpleCNN(in_channels=1, num_classes=10).eval()
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    logger = TensorBoardLogger(str(tmp_path))
+    logger.log_graph(model, torch.zeros(1, 1, 8, 8))
+    logger.close()
+    graph = EventAccumulator(str(tmp_path)).Reload().Graph()
+    assert calls == [1] and any("Conv2d" in node.name for node in graph.node)
+
+
+def test_test_false_draws_no_figures_of_the_test_split(tmp_path: Path) -> None:
+    """The end-of-training PR curves (on by default) cover the splits the run evaluates: with `test=false` no pass
+    over the test split is made for them."""
+    train(tmp_path / "run", "trainer.max_steps=1", "test=false")
+    tags = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Tags()["tensors"]
+    assert any(tag.startswith("final/val/pr_curve/") for tag in tags)
+    assert not any(tag.startswith("final/test/") for tag in tags)

@@ -30,18 +30,14 @@ def fit(overrides: Sequence[str] = ()) -> FitResult:
     Raises `UserError` (message: `error: <what> (<key>): <fix>`) for a config mistake, before anything is trained;
     an exception raised inside your own code (dataset, model, callback) is raised as it is.
     """
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from lab.choices import preferred_overrides
-    from lab.config import CONF_DIR, precheck
+    from lab.config import CONF_DIR, run_composed
     from lab.redact import load_env
     from lab.train import run_for_api
 
     load_env()  # `.env` → environment, as train.py does
     overrides = [str(o) for o in overrides]
     overrides += preferred_overrides(overrides, CONF_DIR)  # dataset=diabetes → model=mlp task=regression
-    precheck(overrides)  # an unknown key, a wrong type or option: the CLI's line, nothing written
     failure: list[BaseException] = []
 
     def task(cfg: Any) -> float:
@@ -51,8 +47,7 @@ def fit(overrides: Sequence[str] = ()) -> FitResult:
             failure.append(e)
             return float("nan")
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), job_name="train", version_base="1.3"):
-        job = GlobalHydra.instance().hydra.run("train", task, overrides, with_log_configuration=True)
+    job = run_composed(overrides, task)  # a config mistake: the CLI's line, nothing written
     if failure:
         raise failure[0]
     run_dir = Path(job.hydra_cfg.hydra.runtime.output_dir)

@@ -681,6 +681,46 @@ def precheck(argv: Sequence[str]) -> None:
     compose_train(overrides_of(argv), single_only=True)
 
 
+def run_composed(overrides: Sequence[str], task: Callable[[DictConfig], Any]) -> Any:
+    """Hydra's run of `task` on `conf/train.yaml` composed with `overrides` (the run folder, `.hydra/`, logging and
+    Hydra callbacks of `python train.py`), returning Hydra's `JobReturn`; the config is composed once.
+
+    Only when Hydra's run fails before the task starts is the config composed again (`compose_train`): a mistake
+    is the one-line `UserError` that names it, a config whose own files ask for a sweep is a `SweepConfig`; an
+    exception raised once the task has started is raised as it is.
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    started = False
+
+    def job(cfg: DictConfig) -> Any:
+        nonlocal started
+        started = True
+        return task(cfg)
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), job_name="train", version_base="1.3"):
+            hydra = GlobalHydra.instance().hydra
+            return hydra.run("train", job, list(overrides), with_log_configuration=True)
+    except Exception as e:
+        if started:
+            raise
+        error = e
+    # Outside Hydra's context, which is gone now: the one line for a mistake, or a config that sweeps.
+    hydra_cfg = compose_train(overrides, single_only=True, return_hydra_config=True).hydra
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise SweepConfig("the config asks for a sweep (hydra.mode: MULTIRUN)", "hydra.mode",
+                          "run it with python train.py -m ...") from None  # fmt: skip
+    compose_train(overrides)  # a sweep value (`a=1,2`) without a sweep
+    raise error
+
+
+class SweepConfig(UserError):
+    """`run_composed` on a config whose own files set `hydra.mode: MULTIRUN`: a sweep, for Hydra's command line."""
+
+
 def compose_train(
     overrides: Sequence[str], single_only: bool = False, return_hydra_config: bool = False
 ) -> Any:

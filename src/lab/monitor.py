@@ -182,6 +182,8 @@ class Monitor(Callback):
             return
         if self.drawn("confusion_matrix") or self.drawn("pr_curves"):
             for stage in self.cfg.stages:
+                if stage == "test" and not any(name.startswith("test/") for name in metrics):
+                    continue  # `test=false`: the test split is not looked at
                 self.log_classification(trainer, stage, every_epoch=False)
         if self.cfg.embedding.enabled and not trainer.network.fsdp:
             self.log_embedding(trainer)

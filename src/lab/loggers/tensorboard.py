@@ -106,9 +106,15 @@ class TensorBoardLogger(Logger):
             )
 
     def log_graph(self, model: nn.Module, example_input: Tensor) -> None:
-        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated
+        import torch
+
+        with warnings.catch_warnings():  # torch.jit warns that it is deprecated
             warnings.simplefilter("ignore", FutureWarning)
-            self.writer.add_graph(model, example_input)
+            # Traced once, without torch.jit's check (which traces and runs the model twice more, for a drawing):
+            # add_graph takes a traced module as it is, with a warning that says so.
+            traced = torch.jit.trace(model, example_input, check_trace=False)
+            warnings.filterwarnings("ignore", "The input to trace is already a ScriptModule")
+            self.writer.add_graph(traced, example_input)
 
     def log_pr_curves(
         self, tag: str, targets: Tensor, probs: Tensor, class_names: list[str], step: int
