@@ -115,8 +115,8 @@ def in_process(
 ) -> subprocess.CompletedProcess:
     """`python <script> <args>` run in this process, as `__main__` (so train.py's `.env` and torchrun steps run,
     then `@hydra.main` parses `sys.argv`), from the environment, working directory and output streams a fresh
-    process would have; the exit code is the `SystemExit` code. An exception is reported by Hydra as on the
-    command line (traceback on stderr, exit 1). Saves the 3 s of imports a process costs."""
+    process would have; the exit code is the `SystemExit` code. An uncaught exception is reported as on the
+    command line (its traceback on stderr, exit 1). Saves the 3 s of imports a process costs."""
     path = ROOT / script
     with isolated_process(env or cli_env(), cwd or ROOT) as out:
         saved_argv, sys.argv = sys.argv, [str(path), *args]
@@ -125,6 +125,9 @@ def in_process(
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # as the interpreter reports an uncaught exception: its traceback, exit 1
+            traceback.print_exc()
+            code = 1
         finally:
             sys.argv = saved_argv
     proc = subprocess.CompletedProcess([sys.executable, script, *args], code, out.stdout, out.stderr)
