@@ -3,7 +3,8 @@ and leaves an earlier run dir exactly as it was.
 
 Every case fails before training. The table runs `train.py` in-process (`conftest.train`: the same `__main__`,
 Hydra's own argument parsing and error reporting, the exit code from `SystemExit`, stderr captured); a few cases,
-one per place a failure can come from, also run as real processes and must fail the same way.
+one per place a failure can come from, also run as real processes (forked from this one: their own exit code and
+output streams) and must fail the same way. The real command line's start-up is tested in tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import argparse
 import json
 import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, run_train, train
+from conftest import Forked, cli_env, train, train_args
 
 
 @dataclass(frozen=True)
@@ -233,15 +233,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Co
     (d / "images_corrupt" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     before = snapshot(good)
 
-    def run(case: Case, runner=train, where: str = "runs") -> subprocess.CompletedProcess:
-        overrides = [o.format(d=d, good=good) for o in case.overrides]
-        return runner(d / where / case.id, *overrides, check=False, env=cli_env(**case.env))
+    def overrides(case: Case) -> list[str]:
+        return [o.format(d=d, good=good) for o in case.overrides]
 
-    procs = {case.id: run(case) for case in CASES}
-    cli = [next(c for c in CASES if c.id == case_id) for case_id in CLI_CASES]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        cli_procs = pool.map(lambda c: run(c, run_train, "cli"), cli)
-        procs |= {("cli", c.id): proc for c, proc in zip(cli, cli_procs, strict=True)}
+    procs = {
+        case.id: train(d / "runs" / case.id, *overrides(case), check=False, env=cli_env(**case.env))
+        for case in CASES
+    }
+    for case in (c for c in CASES if c.id in CLI_CASES):
+        args = train_args(d / "cli" / case.id, tuple(overrides(case)))
+        forked = Forked("train.py", args, env=cli_env(**case.env))
+        stdout, stderr = forked.communicate(timeout=120)
+        procs["cli", case.id] = subprocess.CompletedProcess(forked.args, forked.returncode, stdout, stderr)
     assert snapshot(good) == before, "a failed run modified an earlier run dir"
     return procs | {"dir": d}
 

@@ -17,7 +17,7 @@ import lab.data.features as features
 from lab.data.features import cached_split
 from lab.train import run
 
-ARGS = ["model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "logger=none", "monitor=none",
+ARGS = ["model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=32", "logger=none", "monitor=none",
         "print_config=false", "trainer.progress_bar=false", *TINY]  # fmt: skip
 
 
@@ -38,7 +38,7 @@ def extractions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_second_run_loads_instead_of_extracting(tmp_path: Path, extractions: list[int]) -> None:
     cache = tmp_path / "cache"
     run(compose_config([*ARGS, f"paths.feature_cache={cache}"], tmp_path / "a"))
-    assert len(extractions) == 3 and len(list(cache.glob("resnet18-*.pt"))) == 3
+    assert len(extractions) == 3 and len(list(cache.glob("mobilenet_v3_small-*.pt"))) == 3
     run(compose_config([*ARGS, f"paths.feature_cache={cache}", "optimizer.lr=0.01"], tmp_path / "b"))
     assert len(extractions) == 3  # the second run never called the backbone
     # Same features, same seed: the same result as a run without any cache.
@@ -48,7 +48,7 @@ def test_second_run_loads_instead_of_extracting(tmp_path: Path, extractions: lis
     assert b["val/acc"] == c["val/acc"] and b["test/loss"] == c["test/loss"]
     # Anything the features depend on gives new entries: here the image size.
     run(compose_config([*ARGS, f"paths.feature_cache={cache}", "dataset.image_size=40"], tmp_path / "d"))
-    assert len(extractions) == 9 and len(list(cache.glob("resnet18-*.pt"))) == 6
+    assert len(extractions) == 9 and len(list(cache.glob("mobilenet_v3_small-*.pt"))) == 6
 
 
 def key(size: int = 4) -> dict:

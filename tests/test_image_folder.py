@@ -102,7 +102,7 @@ def test_cached_features_train_the_same_head_as_uncached(tmp_path: Path) -> None
     root = make_images(tmp_path / "images")
     args = ["dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
             "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "trainer.max_epochs=2",
-            "model.dropout=0.2", "test=false"]  # fmt: skip
+            "model.dropout=0.2", "test=false", f"paths.feature_cache={tmp_path / 'features'}"]  # fmt: skip
     cached = train(tmp_path / "cached", *args, "model.cache_features=auto", "monitor=full")
     assert "cached backbone features" in cached.stderr + cached.stdout
     plain = train(tmp_path / "plain", *args, "model.cache_features=false")

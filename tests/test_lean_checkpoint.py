@@ -44,9 +44,17 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lean_run(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """SMALL on the saved weights, with one feature cache for this module's runs: the digits' features are
+    extracted once (every run here freezes the same backbone), and nothing is kept outside the test's folders."""
+    cache = tmp_path_factory.mktemp("features")
+    return [*SMALL, f"model.weights_path={weights}", f"paths.feature_cache={cache}"]
+
+
+@pytest.fixture(scope="module")
+def lean_run(small: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lean")
-    run(compose_config([*SMALL, f"model.weights_path={weights}"], out))
+    run(compose_config(small, out))
     return out
 
 
@@ -62,21 +70,17 @@ def test_lean_checkpoint_holds_the_head_and_the_backbone_identity(lean_run: Path
 
 
 def test_lean_checkpoint_evaluates_resumes_and_predicts(
-    lean_run: Path, weights: Path, tmp_path: Path
+    lean_run: Path, weights: Path, small: list[str], tmp_path: Path
 ) -> None:
     best = lean_run / "checkpoints" / "best.pt"
     evaluated = tmp_path / "eval"
-    run(
-        compose_config(
-            [*SMALL, f"model.weights_path={weights}", "train=false", f"ckpt_path={best}"], evaluated
-        )
-    )
+    run(compose_config([*small, "train=false", f"ckpt_path={best}"], evaluated))
     ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (evaluated, lean_run))
     assert ours["val/acc"] == theirs["val/acc"] and ours["test/acc"] == theirs["test/acc"]
 
     resumed = tmp_path / "resumed"
     last = lean_run / "checkpoints" / "last.pt"
-    overrides = [*SMALL, f"model.weights_path={weights}", f"ckpt_path={last}", "trainer.max_epochs=3"]
+    overrides = [*small, f"ckpt_path={last}", "trainer.max_epochs=3"]
     run(compose_config(overrides, resumed))
     assert json.loads((resumed / "metrics.json").read_text())["epochs"] == 3
 
@@ -119,8 +123,8 @@ def test_other_backbone_weights_are_refused_with_one_line(lean_run: Path, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
-def test_save_frozen_keeps_every_weight(weights: Path, tmp_path: Path) -> None:
-    run(compose_config([*SMALL, f"model.weights_path={weights}", "checkpoint.save_frozen=true"], tmp_path))
+def test_save_frozen_keeps_every_weight(small: list[str], tmp_path: Path) -> None:
+    run(compose_config([*small, "checkpoint.save_frozen=true"], tmp_path))
     state = ckpt.load(tmp_path / "checkpoints" / "best.pt")
     assert state["frozen"] is None and "features.conv1.weight" in state["model"]
 
@@ -138,10 +142,13 @@ class FirstIsBest(Callback):
         metrics["val/acc"] = 1.0 - 0.1 * trainer.state.epoch
 
 
-def test_a_checkpoint_from_before_the_unfreeze_is_the_final_evaluation(weights: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_from_before_the_unfreeze_is_the_final_evaluation(
+    weights: Path, small: list[str], tmp_path: Path
+) -> None:
     # Epochs 1-2 train the head on the frozen backbone (lean checkpoints), epoch 3 the whole network.
     out = tmp_path / "unfreeze"
-    run(compose_config([*SMALL, f"model.weights_path={weights}", "model.unfreeze_at_epoch=2", "trainer.max_epochs=3",
+    limits = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]  # the same batches in both runs
+    run(compose_config([*small, *limits, "model.unfreeze_at_epoch=2", "trainer.max_epochs=3",
                         "+callbacks.first_is_best={_target_: test_lean_checkpoint.FirstIsBest}"], out))  # fmt: skip
     best, last = (ckpt.load(out / "checkpoints" / name) for name in ("best.pt", "last.pt"))
     assert best["epoch"] == 1 and best["frozen"] is not None and "features.conv1.weight" not in best["model"]
@@ -152,8 +159,8 @@ def test_a_checkpoint_from_before_the_unfreeze_is_the_final_evaluation(weights: 
     # The final evaluation used best.pt's weights: the same numbers as evaluating it on a frozen model.
     evaluated = tmp_path / "eval"
     overrides = [
-        *SMALL,
-        f"model.weights_path={weights}",
+        *small,
+        *limits,
         "train=false",
         f"ckpt_path={out / 'checkpoints' / 'best.pt'}",
     ]
@@ -163,8 +170,10 @@ def test_a_checkpoint_from_before_the_unfreeze_is_the_final_evaluation(weights: 
     assert reported["test/acc"] == pytest.approx(again["test/acc"], rel=1e-6)
 
 
-def test_ema_keeps_lean_checkpoints_lean(lean_run: Path, weights: Path, tmp_path: Path) -> None:
-    run(compose_config([*SMALL, f"model.weights_path={weights}", "callbacks=[default,ema]"], tmp_path))
+def test_ema_keeps_lean_checkpoints_lean(
+    lean_run: Path, weights: Path, small: list[str], tmp_path: Path
+) -> None:
+    run(compose_config([*small, "callbacks=[default,ema]"], tmp_path))
     best = tmp_path / "checkpoints" / "best.pt"
     state = ckpt.load(best)
     assert (
@@ -182,7 +191,7 @@ def test_ema_keeps_lean_checkpoints_lean(lean_run: Path, weights: Path, tmp_path
     assert torch.equal(model.features.conv1.weight, torch.load(weights)["conv1.weight"])
     # Resumed, the averages of the head continue; the frozen part's are the model's own, rebuilt.
     last = tmp_path / "checkpoints" / "last.pt"
-    overrides = [*SMALL, f"model.weights_path={weights}", "callbacks=[default,ema]", f"ckpt_path={last}"]
+    overrides = [*small, "callbacks=[default,ema]", f"ckpt_path={last}"]
     run(compose_config([*overrides, "trainer.max_epochs=3"], tmp_path / "resumed"))
     resumed = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["callbacks"]["ema"]
     assert resumed["updates"] == 12 and sorted(resumed["weights"]) == ["head.1.bias", "head.1.weight"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from conftest import TINY, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lab import monitor
 from lab.monitor import confusion_matrix, predictions_figure
 
 
@@ -19,10 +22,20 @@ def events(log_dir: Path) -> EventAccumulator:
     return acc.Reload()
 
 
+# The titles of the confusion-matrix figures the full run draws, in order.
+FULL_RUN_TITLES: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("monitor") / "run"
-    train(run_dir, *TINY, "monitor=full", "monitor.histograms.every_n_steps=2", "monitor.embedding.count=40")
+    real = monitor.confusion_figure
+    with mock.patch.object(
+        monitor, "confusion_figure", lambda m, n, title="": FULL_RUN_TITLES.append(title) or real(m, n, title)
+    ):
+        train(
+            run_dir, *TINY, "monitor=full", "monitor.histograms.every_n_steps=2", "monitor.embedding.count=40"
+        )
     return run_dir
 
 
@@ -97,21 +110,10 @@ def test_monitor_none_logs_only_scalars_and_text(tmp_outputs: Path) -> None:
 
 def test_final_figures_name_the_weights_they_show(full_run: Path) -> None:
     """The final confusion matrix is drawn on the weights metrics.json reports, and its title says which."""
-    import json
-    from unittest import mock
-
-    from lab import monitor
-
-    titles: list[str] = []
-    real = monitor.confusion_figure
-    with mock.patch.object(
-        monitor, "confusion_figure", lambda m, n, title="": titles.append(title) or real(m, n, title)
-    ):
-        train(full_run.parent / "again", *TINY, "monitor=full", "monitor.embedding.enabled=false")
-    weights = json.loads((full_run.parent / "again" / "metrics.json").read_text())["weights"]
+    weights = json.loads((full_run / "metrics.json").read_text())["weights"]
     assert weights.startswith("best.pt, epoch ") and weights.endswith("trained weights")
-    assert titles[-2:] == [f"val, {weights}: 144 samples", f"test, {weights}: 359 samples"]
-    assert titles[0] == "val, epoch 1: 144 samples"
+    assert FULL_RUN_TITLES[-2:] == [f"val, {weights}: 144 samples", f"test, {weights}: 359 samples"]
+    assert FULL_RUN_TITLES[0] == "val, epoch 1: 144 samples"
 
 
 def test_confusion_matrix_counts() -> None:

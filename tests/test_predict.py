@@ -33,7 +33,7 @@ def test_train_on_image_folder_then_predict(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images", per_class=12)
     train(tmp_path / "run", "dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=8",
               "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32", "trainer.max_epochs=3",
-              "optimizer.lr=0.01")  # fmt: skip
+              "optimizer.lr=0.01", f"paths.feature_cache={tmp_path / 'features'}")  # fmt: skip
     assert json.loads((tmp_path / "run/class_names.json").read_text())["class_names"] == ["cat", "dog", "fox"]
     ckpt_path = tmp_path / "run/checkpoints/best.pt"
 

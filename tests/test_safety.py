@@ -11,13 +11,12 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, compose_config, in_process, train
+from conftest import ROOT, TINY, cli_env, compose_config, forked_train, in_process, train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -367,15 +366,12 @@ def test_signal_during_validation_completes_the_epoch_then_saves(tmp_path: Path)
 
 
 def test_a_second_signal_quits_at_once_without_a_traceback(tmp_path: Path) -> None:
-    """The real CLI: two Ctrl-C (SIGINT; SIGTERM takes the same path) in a row, the second while the first is still stopping the run (the step, last.pt,
+    """A real process (forked): two Ctrl-C (SIGINT; SIGTERM takes the same path) in a row, the second while the first is still stopping the run (the step, last.pt,
     closing the loggers): the process ends at once with one line, no traceback, 128 + the signal number."""
     signame, signum = "SIGINT", signal.SIGINT
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
-            "print_config=false", "logger=many", "logger.wandb.mode=offline", "trainer.max_epochs=200",
-            "checkpoint.every_n_steps=2"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = forked_train(run_dir, "logger=many", "logger.wandb.mode=offline", "trainer.max_epochs=200",
+                        "checkpoint.every_n_steps=2")  # fmt: skip
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -427,22 +423,23 @@ def test_secret_values_never_reach_a_sweep_file_or_the_console(tmp_path: Path) -
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_says_what_is_on_disk(
     tmp_path: Path,
 ) -> None:
-    """The real CLI in a process whose files may not grow past 400 kB (RLIMIT_FSIZE: a real write failure, EFBIG,
+    """A real process (forked) whose files may not grow past 400 kB (RLIMIT_FSIZE: a real write failure, EFBIG,
     without privileges to mount a tiny filesystem): the first checkpoint (~0.8 MB, written in the background at step
     5) fails, the run stops before the next one is due (step 10) with one line saying none is on disk yet."""
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
-        signal.signal(
-            signal.SIGXFSZ, signal.SIG_IGN
-        )  # the write fails with EFBIG instead of killing the process
-
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
-            "print_config=false", "logger=csv", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5",
-            "trainer.limit_train_batches=16"]  # fmt: skip
-    proc = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_files)  # fmt: skip
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # The child inherits the limit and the ignored SIGXFSZ (the write fails with EFBIG instead of killing the
+    # process); this process takes its own back at once.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, limits[1]))
+    on_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        forked = forked_train(run_dir, "logger=csv", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5",
+                              "trainer.limit_train_batches=16")  # fmt: skip
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, on_xfsz)
+    stdout, stderr = forked.communicate(timeout=300)
+    proc = subprocess.CompletedProcess(forked.args, forked.returncode, stdout, stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
     assert proc.stderr.strip().splitlines() == [
