@@ -41,12 +41,19 @@ QUIET = ["trainer.progress_bar=false", "print_config=false"]
 # spin-waiting on a busy 2-core machine make a step 10-40x slower than one.
 THREADS = "1"
 torch.set_num_threads(int(THREADS))
+# Frozen-backbone features go to a folder of this test process, not to the repository's outputs/ (where a cache
+# left by an earlier session would hide work): shared by this process's runs, as a user's runs share it. A test
+# about the cache gives its own `paths.feature_cache`, which comes later on the command line and wins.
+FEATURE_CACHE = Path(tempfile.mkdtemp(prefix="lab-test-features-"))
 
 
 def compose_config(overrides: list[str] = (), output_dir: Path | str = "/tmp/lab-test") -> DictConfig:
     """The config `python train.py <overrides>` would run with (paths.output_dir pointed at a temp dir)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={output_dir}", f"paths.feature_cache={FEATURE_CACHE}", *overrides],
+        )
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -58,7 +65,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def train_args(run_dir: Path | None, overrides: tuple[str, ...]) -> list[str]:
-    return [*QUIET, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else []), *overrides]
+    run = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+    return [*QUIET, f"paths.feature_cache={FEATURE_CACHE}", *run, *overrides]
 
 
 def run_train(
