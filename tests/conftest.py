@@ -42,7 +42,7 @@ QUIET = ["trainer.progress_bar=false", "print_config=false"]
 THREADS = "1"
 torch.set_num_threads(int(THREADS))
 # Frozen-backbone features go to a folder of this test process, not to the repository's outputs/ (where a cache
-# left by an earlier session would hide work): shared by this process's runs, as a user's runs share it. A test
+# left by an earlier test run would hide work): shared by this process's runs, as a user's runs share it. A test
 # about the cache gives its own `paths.feature_cache`, which comes later on the command line and wins.
 FEATURE_CACHE = Path(tempfile.mkdtemp(prefix="lab-test-features-"))
 
