@@ -125,21 +125,26 @@ def in_process(
     then `@hydra.main` parses `sys.argv`), from the environment, working directory and output streams a fresh
     process would have; the exit code is the `SystemExit` code. An uncaught exception is reported as on the
     command line (its traceback on stderr, exit 1). Saves the 3 s of imports a process costs."""
-    path = ROOT / script
     with isolated_process(env or cli_env(), cwd or ROOT) as out:
-        saved_argv, sys.argv = sys.argv, [str(path), *args]
-        try:
-            runpy.run_path(str(path), run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except Exception:  # as the interpreter reports an uncaught exception: its traceback, exit 1
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.argv = saved_argv
+        code = run_as_main(ROOT / script, args)
     proc = subprocess.CompletedProcess([sys.executable, script, *args], code, out.stdout, out.stderr)
     return checked(proc, check)
+
+
+def run_as_main(path: Path, args: list[str]) -> int:
+    """`path` run as `__main__` with `sys.argv` = `[path, *args]`; the exit code a process would end with: the
+    `SystemExit` code, or for an uncaught exception its traceback on stderr and 1, as the interpreter reports it."""
+    saved_argv, sys.argv = sys.argv, [str(path), *args]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved_argv
 
 
 class Forked:
@@ -215,12 +220,8 @@ def _forked_main(path: Path, args: list[str], env: dict[str, str], cwd: Path, ou
         os.environ.update(env)
         os.chdir(cwd)
         lab.resolvers._RUN_ID = lab.resolvers._RUN_TIME = None
-        sys.argv = [str(path), *args]
-        runpy.run_path(str(path), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
+        code = run_as_main(path, args)
+    except BaseException:  # e.g. KeyboardInterrupt, which run_as_main leaves to the interpreter
         traceback.print_exc()
     finally:
         try:
