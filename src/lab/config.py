@@ -10,6 +10,7 @@ This module imports no other lab module but `lab.errors`: it runs before anythin
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import typing
@@ -435,27 +436,35 @@ def register_schemas() -> None:
             store.store(group=f"schema/{group}", name=name, node=schema)
 
 
-def check_schema(node: DictConfig, schema: type, key: str) -> None:
-    """`node`'s keys that `schema` has: of its types (for a node that is not typed already) and in its ranges."""
+def check_schema(node: DictConfig, schema: type, key: str, typed: bool = False) -> None:
+    """`node`'s keys that `schema` has: of its types (unless `typed`: checked already, as part of the node
+    above) and in its ranges."""
     hints = typing.get_type_hints(schema)
     known = {f.name: f for f in fields(schema) if f.name in node}
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), {name: node[name] for name in known})
-    except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
-        if (cause := user_error_in(e)) is not None:  # raised by a resolver while reading a value
-            raise cause from None
-        name = getattr(e, "full_key", "") or ""
-        raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
-                        "give a value of the type the key takes") from None  # fmt: skip
+    if not typed:
+        try:
+            OmegaConf.merge(structured(schema), {name: node[name] for name in known})
+        except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
+            if (cause := user_error_in(e)) is not None:  # raised by a resolver while reading a value
+                raise cause from None
+            name = getattr(e, "full_key", "") or ""
+            raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
+                            "give a value of the type the key takes") from None  # fmt: skip
     for name, f in known.items():
         value = node[name]
         if isinstance(value, DictConfig) and is_dataclass(hints.get(name)):
-            check_schema(value, hints[name], f"{key}.{name}")
+            check_schema(value, hints[name], f"{key}.{name}", typed=True)
         rule = f.metadata.get("range")
         if rule is not None and value is not None and not rule.ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
             where = written_at(node, name, f"{key}.{name}")
             raise UserError(f"must be {rule.want}, got {shown!r}", where, f"set e.g. {where}={rule.example}")
+
+
+@functools.cache
+def structured(schema: type) -> DictConfig:
+    """The schema as an OmegaConf config, built once per process (`merge` copies it, never changes it)."""
+    return OmegaConf.structured(schema)
 
 
 def written_at(node: DictConfig, name: str, key: str) -> str:
