@@ -296,8 +296,8 @@ def isolated_process(env: dict[str, str], cwd: Path) -> Iterator[Captured]:
         root.handlers[:], root.level = saved_handlers, saved_level
         for name, (level, handlers, propagate, disabled) in saved_loggers.items():
             lg = logging.getLogger(name)
-            lg.setLevel(level)
-            lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
+            lg.level, lg.handlers[:], lg.propagate, lg.disabled = level, handlers, propagate, disabled
+        logging.Logger.manager._clear_cache()  # what setLevel does, once: per logger it would cost O(loggers)
         captured.stdout, captured.stderr = stdout.getvalue(), stderr.getvalue()
         for signum, handler in signals.items():
             signal.signal(signum, handler)
