@@ -87,7 +87,10 @@ CASES = [
             "+task.metrics.f1={{_target_:torchmetrics.classification.MulticlassF1Score,"
             "num_classes:10,average:macroo}}",
         ),
-        "task",
+        "task.metrics.f1",
+    ),
+    Case(
+        "own_metric_value_rejected", ("task.metrics.acc_top5.top_k=0",), "task.metrics.acc_top5", says="top_k"
     ),
     Case("lr_nonsense", ("optimizer.lr=100",), "optimizer.lr"),
     Case("labels_outside_num_classes", ("dataset.num_classes=5",), "dataset.num_classes"),

@@ -20,7 +20,7 @@ QUIET = ["logger=none", "monitor=none", *TINY]
 
 @pytest.mark.parametrize("name", ["loss", "lr", "samples_per_sec"])
 def test_a_metric_named_like_what_lab_logs_itself_is_refused(name: str, tmp_path: Path) -> None:
-    metric = "{_target_: torchmetrics.classification.MulticlassAccuracy, num_classes: 10}"
+    metric = "{_target_: lab.tasks.metrics.MulticlassAccuracy, num_classes: 10}"
     proc = train(tmp_path / "run", *QUIET, f"+task.metrics.{name}={metric}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: metric name '{name}' is one lab logs itself (task.metrics.{name}): "

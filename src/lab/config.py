@@ -29,9 +29,9 @@ MODES = ("min", "max")
 NAN_POLICIES = ("stop", "skip")
 EXPORT_FORMATS = ("state_dict", "safetensors", "onnx")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# `_target_` prefixes of library classes: their rejection of a config value is the user's to fix (one line);
-# an exception raised in any other code (yours) keeps its traceback.
-LIBRARIES = ("torch.", "torchvision.", "torchmetrics.", "sklearn.")
+# `_target_` prefixes of library classes (and lab's own metrics): their rejection of a config value is the user's
+# to fix (one line); an exception raised in any other code (yours) keeps its traceback.
+LIBRARIES = ("torch.", "torchvision.", "torchmetrics.", "sklearn.", "lab.tasks.metrics.")
 
 
 # ---- Value ranges, next to the field --------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def build(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
             raise UserError(str(e).splitlines()[0], key, f"fix {key}._target_") from None
         if isinstance(cause, UserError) or not _from_library(cause):
             raise cause from None  # yours: with its own traceback
-        raise library_error(cause, key) from None
+        raise library_error(cause, failed_key(e, key)) from None
     except (
         ValueError,
         TypeError,
@@ -521,7 +521,16 @@ def _from_library(error: BaseException) -> bool:
     if not ours:
         return True
     innermost_call = ours[0]  # the frame Hydra called: the class's own __init__
-    return any(f"/{lib.rstrip('.')}/" in innermost_call for lib in LIBRARIES)
+    paths = [
+        f"/{lib.rstrip('.').replace('.', '/')}" for lib in LIBRARIES
+    ]  # a package folder or a module file
+    return any(f"{path}/" in innermost_call or innermost_call.endswith(f"{path}.py") for path in paths)
+
+
+def failed_key(error: BaseException, key: str) -> str:
+    """The key of the node whose call failed under `key` (Hydra names it, e.g. `task.metrics.acc`), else `key`."""
+    named = re.search(r"^full_key: (\S+)$", str(error), re.MULTILINE)
+    return named.group(1) if named and named.group(1).startswith(f"{key}.") else key
 
 
 def library_error(error: BaseException, key: str, target: str = "") -> UserError:

@@ -1,10 +1,10 @@
-"""Running metrics of one stage: the mean loss plus the task's torchmetrics, kept on the device.
+"""Running metrics of one stage: the mean loss plus the task's metrics, kept on the device.
 
 `update` only keeps references to a batch's (detached) loss, outputs and targets. They are folded into the loss sum
 and the metrics in one batched update every `FOLD_EVERY` batches and whenever the epoch's values are read (a logging
 window folds the losses alone), so the loop adds no host-device synchronisation per step: `compute()` is the only
-one. Under DDP, torchmetrics syncs the metric states across ranks in `compute()` and the loss sum is all-reduced
-with `reduce`.
+one. Under DDP, each metric sums its states across ranks in its `compute()` (lab's own and torchmetrics' do) and
+the loss sum is all-reduced with `reduce`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Sums:
         loss, count = values.tolist()
         result = {f"{stage}/loss": loss / max(count, 1.0)}
         if count:
-            with warnings.catch_warnings():  # states loaded from a checkpoint count as no `update` call
+            with warnings.catch_warnings():  # torchmetrics: loaded states count as no `update` call
                 warnings.filterwarnings("ignore", message=".*compute.*before.*update", category=UserWarning)
                 for name, metric in self.metrics.items():
                     result[f"{stage}/{name}"] = float(metric.compute())

@@ -1,10 +1,10 @@
 """Tasks: what is specific to a problem, so that the loop in `lab.trainer` is not. → `conf/task/*.yaml`
 
-A task owns the loss (any `nn.Module`, e.g. `torch.nn.CrossEntropyLoss`), the metrics (torchmetrics objects built
-from `task.metrics`, logged as `<stage>/<name>` beside `<stage>/loss`), the shape of one input (for the model
-summary and graph), which of the monitor's figures make sense for it, and how outputs become predictions (`output`:
-softmax, sigmoid with a `threshold`, or identity in the target's units; see `lab.inference`). A new task is a
-subclass of `Task` (one file) and a YAML file naming it.
+A task owns the loss (any `nn.Module`, e.g. `torch.nn.CrossEntropyLoss`), the metrics (built from `task.metrics`:
+lab's own from `lab.tasks.metrics`, or any torchmetrics metric; logged as `<stage>/<name>` beside `<stage>/loss`),
+the shape of one input (for the model summary and graph), which of the monitor's figures make sense for it, and how
+outputs become predictions (`output`: softmax, sigmoid with a `threshold`, or identity in the target's units; see
+`lab.inference`). A new task is a subclass of `Task` (one file) and a YAML file naming it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lab.errors import UserError
+from lab.tasks.metrics import Metric
 
 #: Names lab logs itself under `<stage>/`, or beside them: a metric of the same name would overwrite them.
 RESERVED_NAMES = frozenset({"loss", "epoch", "step", "global_step", "lr", "epoch_time", "samples_per_sec",

@@ -6,9 +6,9 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lab.tasks import Task
+from lab.tasks.metrics import Metric
 
 log = logging.getLogger(__name__)
 

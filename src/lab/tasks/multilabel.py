@@ -1,8 +1,8 @@
 """Multi-label classification: any number of labels per sample. → `conf/task/multilabel.yaml`
 
 Targets are multi-hot float vectors (N, num_labels); the loss is `torch.nn.BCEWithLogitsLoss` on the logits,
-the metrics torchmetrics' multilabel ones. A sample's predicted labels are those whose sigmoid probability is at
-least `threshold` (predict.py, the export and the metrics use the same one).
+the metrics multi-label accuracy and F1 (`lab.tasks.metrics`). A sample's predicted labels are those whose sigmoid
+probability is at least `threshold` (predict.py, the export and the default metrics use the same one).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lab.errors import UserError
 from lab.tasks import Task
+from lab.tasks.metrics import Metric
 
 
 class MultiLabel(Task):
@@ -42,4 +42,4 @@ class MultiLabel(Task):
         return outputs.float(), targets.float()
 
     def metric_targets(self, targets: Tensor) -> Tensor:
-        return targets.long()  # torchmetrics' multilabel metrics take integer 0/1 targets
+        return targets.long()  # integer 0/1 targets, as torchmetrics' multilabel metrics take them
