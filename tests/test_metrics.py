@@ -214,3 +214,19 @@ def test_a_torchmetrics_metric_in_task_metrics_runs_beside_the_defaults(tmp_path
     result = json.loads((run_dir / "metrics.json").read_text())
     for stage in ("val", "test"):
         assert result[f"{stage}/tm_acc"] == pytest.approx(result[f"{stage}/acc"], abs=1e-6)
+
+
+def test_a_mid_epoch_state_of_another_metric_class_is_one_line_naming_the_metric() -> None:
+    """A checkpoint written while `acc` was another class (e.g. torchmetrics' before lab had its own) is refused
+    when resumed, naming the metric, instead of a `load_state_dict` traceback."""
+    from lab.errors import UserError
+    from lab.metrics import Sums
+    from lab.tasks import Task
+
+    def sums(metric) -> Sums:
+        return Sums(Task(torch.nn.MSELoss(), {"acc": metric}, (3,)), torch.device("cpu"))
+
+    written = sums(tm_classification.MulticlassAccuracy(num_classes=3)).state_dict()
+    with pytest.raises(UserError, match=r"metric 'acc' .*task\.metrics\.acc"):
+        sums(metrics.MulticlassAccuracy(num_classes=3)).load_state_dict(written)
+    sums(tm_classification.MulticlassAccuracy(num_classes=3)).load_state_dict(written)  # the same class loads

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lab.errors import UserError
 from lab.tasks import Task
 
 
@@ -58,7 +59,13 @@ class Sums:
         self.count = int(state["count"])
         for name, metric_state in state.get("metrics", {}).items():
             if name in self.metrics:
-                self.metrics[name].load_state_dict(metric_state)
+                try:
+                    self.metrics[name].load_state_dict(metric_state)
+                except RuntimeError:  # e.g. a checkpoint written with another class for this metric
+                    raise UserError(f"the checkpoint's mid-epoch state of metric {name!r} does not fit "
+                                    f"{type(self.metrics[name]).__name__}", f"task.metrics.{name}",
+                                    "resume with the metric the run was started with, or from an "
+                                    "epoch-end checkpoint") from None  # fmt: skip
 
     def compute(self, stage: str, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         values = torch.stack([self.loss.float(), torch.tensor(float(self.count), device=self.device)])
