@@ -29,9 +29,9 @@ def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """Two learning rates × three seeds: two configurations of three repeats each."""
+    """Two learning rates × two seeds: two configurations of two repeats each."""
     sweep_dir = tmp_path_factory.mktemp("seeds") / "sweep"
-    return sweep_dir, multirun(sweep_dir, "sweep=seeds", "trainer.seed=range(3)", "optimizer.lr=1e-3,3e-2")
+    return sweep_dir, multirun(sweep_dir, "sweep=seeds", "trainer.seed=range(2)", "optimizer.lr=1e-3,3e-2")
 
 
 def jobs_by_lr(sweep_dir: Path) -> dict[str, list[dict]]:
@@ -57,7 +57,7 @@ def png_description(path: Path) -> str:
 def test_seeds_are_aggregated_per_configuration(seeds: tuple[Path, subprocess.CompletedProcess]) -> None:
     sweep_dir, proc = seeds
     by_lr = jobs_by_lr(sweep_dir)
-    assert {lr: len(jobs) for lr, jobs in by_lr.items()} == {"1e-3": 3, "3e-2": 3}
+    assert {lr: len(jobs) for lr, jobs in by_lr.items()} == {"1e-3": 2, "3e-2": 2}
     with open(sweep_dir / "summary_configs.csv", newline="") as f:
         rows = {row["configuration"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"optimizer.lr=0.001", "optimizer.lr=0.03"}
@@ -65,12 +65,14 @@ def test_seeds_are_aggregated_per_configuration(seeds: tuple[Path, subprocess.Co
         row = rows[f"optimizer.lr={float(lr)}"]
         for metric in ("best", "val/acc", "test/acc", "test/loss"):
             values = [job[metric] for job in jobs]
-            mean, std = sum(values) / 3, math.sqrt(sum((v - sum(values) / 3) ** 2 for v in values) / 2)
+            n = len(values)  # the sample standard deviation (n - 1) and Student's t with n - 1 degrees
+            mean = sum(values) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
             assert float(row[f"{metric}_mean"]) == pytest.approx(mean, abs=1e-9), metric
             assert float(row[f"{metric}_std"]) == pytest.approx(std, abs=1e-9), metric
-            assert int(row[f"{metric}_n"]) == 3
+            assert int(row[f"{metric}_n"]) == n == 2
             assert float(row[f"{metric}_ci95"]) == pytest.approx(
-                t.ppf(0.975, 2) * std / math.sqrt(3), abs=1e-9
+                t.ppf(0.975, n - 1) * std / math.sqrt(n), abs=1e-9
             )
     # Ranked by the mean of the monitored value (val/acc, max): rank 1 holds the larger mean.
     means = {lr: statistics.fmean(job["best"] for job in jobs) for lr, jobs in by_lr.items()}
@@ -81,7 +83,7 @@ def test_seeds_are_aggregated_per_configuration(seeds: tuple[Path, subprocess.Co
     assert f"optimizer.lr={best_lr}" in run_again  # the best job of the best configuration
     summary = (sweep_dir / "summary.md").read_text()
     assert "## Configurations (mean ± std over repeats" in summary
-    assert f"| 1 | optimizer.lr={best_lr} | 3 |" in summary
+    assert f"| 1 | optimizer.lr={best_lr} | 2 |" in summary
 
 
 def test_the_report_has_curves_per_configuration_and_parameters(
@@ -92,9 +94,9 @@ def test_the_report_has_curves_per_configuration_and_parameters(
     text = (sweep_dir / "report.md").read_text()
     assert "![val/acc curves](figures/curves.png)" in text
     assert "![val/acc against optimizer.lr](figures/param_optimizer.lr.png)" in text
-    # One mean ± std band per configuration (not one line per job), each over its 3 seeds.
+    # One mean ± std band per configuration (not one line per job), each over its 2 seeds.
     count, *labels = png_description(sweep_dir / "figures" / "curves.png").splitlines()
-    assert count == "2 curves" and set(labels) == {"optimizer.lr=0.001 (n=3)", "optimizer.lr=0.03 (n=3)"}
+    assert count == "2 curves" and set(labels) == {"optimizer.lr=0.001 (n=2)", "optimizer.lr=0.03 (n=2)"}
     assert png_description(sweep_dir / "figures" / "param_optimizer.lr.png").splitlines()[0] == "2 points"
     # Rebuilt by one command.
     (sweep_dir / "report.md").unlink()
@@ -144,13 +146,13 @@ def test_compare_prints_differences_and_draws_overlaid_curves(
 ) -> None:
     sweep_dir, _ = seeds
     out = tmp_path / "cmp.png"
-    proc = compare(str(sweep_dir / "0"), str(sweep_dir / "5"), "--out", str(out))
+    proc = compare(str(sweep_dir / "0"), str(sweep_dir / "3"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    first, last = (json.loads((sweep_dir / j / "metrics.json").read_text()) for j in ("0", "5"))
+    first, last = (json.loads((sweep_dir / j / "metrics.json").read_text()) for j in ("0", "3"))
     lines = proc.stdout.splitlines()
     differing = lines[lines.index("config keys that differ:") + 3 :]
     assert any(line.split()[:3] == ["optimizer.lr", "0.001", "0.03"] for line in differing), proc.stdout
-    assert any(line.split()[:3] == ["trainer.seed", "0", "2"] for line in differing), proc.stdout
+    assert any(line.split()[:3] == ["trainer.seed", "0", "1"] for line in differing), proc.stdout
     row = next(line for line in lines if line.startswith("test/acc "))
     assert row.split()[1:] == [f"{first['test/acc']:.4f}", f"{last['test/acc']:.4f}"]
     assert f"curves (val/acc, train/loss): {out}" in proc.stdout

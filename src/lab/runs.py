@@ -23,14 +23,22 @@ Curve = list[tuple[int, float]]  # (global step, value), step ascending
 @dataclass
 class Run:
     run_dir: Path
-    config: dict[str, Any]  # the resolved config, flattened to dotted keys
     overrides: list[str]
     metrics: dict[str, Any]  # metrics.json ({} when the run never finished)
+    _config: dict[str, Any] | None = field(default=None, repr=False)
     _curves: dict[str, Curve] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return str(self.run_dir)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config, flattened to dotted keys; read when first asked for (a sweep's summary, redone
+        after each job, needs only the overrides and metrics of every job)."""
+        if self._config is None:
+            self._config = resolved(OmegaConf.load(self.run_dir / ".hydra" / "config.yaml"))
+        return self._config
 
     @property
     def curves(self) -> dict[str, Curve]:
@@ -45,14 +53,13 @@ def is_run(path: Path) -> bool:
 
 def read_run(run_dir: Path) -> Run:
     hydra_dir = run_dir / ".hydra"
-    config = OmegaConf.load(hydra_dir / "config.yaml")
     overrides_file = hydra_dir / "overrides.yaml"
     overrides = [str(o) for o in (OmegaConf.load(overrides_file) or [])] if overrides_file.is_file() else []
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         metrics = {}
-    return Run(run_dir, resolved(config), overrides, metrics)
+    return Run(run_dir, overrides, metrics)
 
 
 def resolved(config: Any) -> dict[str, Any]:

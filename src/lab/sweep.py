@@ -72,16 +72,19 @@ def read_job(run_dir: Path) -> Job:
     """One job from what it left on disk; a missing or unreadable metrics.json means the job never finished."""
     hydra_dir = run_dir / ".hydra"
     overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml") or [])
-    config = OmegaConf.load(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else None
+    config_file = hydra_dir / "config.yaml"
+    started = config_file.stat().st_mtime if config_file.is_file() else None
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         metrics = {}
-    monitor = metrics.get("monitor") or _select(config, "checkpoint.monitor")
-    mode = metrics.get("mode") or _select(config, "checkpoint.mode")
+    monitor, mode = metrics.get("monitor"), metrics.get("mode")
+    if not (monitor and mode):  # a job that never finished: what its config says (read only then)
+        config = OmegaConf.load(config_file) if started is not None else None
+        monitor = monitor or _select(config, "checkpoint.monitor")
+        mode = mode or _select(config, "checkpoint.mode")
     test_key = f"test/{monitor.split('/', 1)[-1]}" if monitor else None
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    started = (hydra_dir / "config.yaml").stat().st_mtime if config is not None else None
     wall = max(p.stat().st_mtime for p in files) - started if started is not None and files else None
     checkpoints = (run_dir / "checkpoints" / name for name in ("best.pt", "last.pt"))
     checkpoint = next((p for p in checkpoints if p.is_file()), None)
