@@ -11,12 +11,14 @@ import os
 import random
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,6 +239,101 @@ def _forked_main(path: Path, args: list[str], env: dict[str, str], cwd: Path, ou
 def forked_train(run_dir: Path | None, *overrides: str, env: dict[str, str] | None = None) -> Forked:
     """`python train.py hydra.run.dir=<run_dir> <overrides>` started as a `Forked` process."""
     return Forked("train.py", train_args(run_dir, overrides), env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def forked_ranks(
+    script: str,
+    args: list[str],
+    nproc: int = 2,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    grace: float = 10,
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=<nproc> <script> <args>` without torchrun: `nproc` `Forked` processes,
+    each given the environment torchrun's agent gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and a
+    free MASTER_PORT, TORCHELASTIC_*, ...). Saves the `nproc + 1` fresh interpreters (3-5 CPU s each) of a job.
+
+    Returns torchrun's exit code (0, or the code of the first rank to fail), and the ranks' stdout and stderr one
+    after the other in rank order, each under a `[rank N]` line; `.ranks` holds each rank's own `CompletedProcess`.
+    When a rank fails, the others get `grace` seconds to end on their own (most then fail on a collective whose peer
+    is gone, with their own error), and are killed after it, as torchrun's agent stops its group; past `timeout`
+    every rank is killed and the outputs reported.
+
+    Not covered, and kept on the real torchrun by the tests about them: torchrun's agent and command line, i.e. its
+    rendezvous (several nodes), restarts (TORCHELASTIC_RESTART_COUNT stays 0) and the store it keeps across them
+    (TORCHELASTIC_USE_AGENT_STORE=False: the group's store is rank 0's, as with `init_process_group("env://")`),
+    its own error report and exit code (1 for a failed worker); nor a fresh interpreter's start-up (imports,
+    sitecustomize)."""
+    # A group of this process would live on in every fork; a test process must never hold one.
+    assert not torch.distributed.is_initialized()
+    launch = {
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "ROLE_WORLD_SIZE": str(nproc),
+        "GROUP_RANK": "0",
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_NAME": "default",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "TORCHELASTIC_RUN_ID": str(uuid.uuid4()),
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
+    base = {"OMP_NUM_THREADS": "1", **(env or cli_env())}  # torchrun's default for more than one process
+    procs = [
+        Forked(
+            script,
+            args,
+            env={**base, **launch, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)},
+            cwd=cwd,
+        )
+        for r in range(nproc)
+    ]
+    deadline = stop = time.monotonic() + timeout
+    failed: list[Forked] = []  # in the order they failed
+    timed_out = False
+    while None in [proc.poll() for proc in procs]:  # every rank polled, not the first running one alone
+        failed += [proc for proc in procs if proc.returncode not in (None, 0) and proc not in failed]
+        if failed:
+            stop = min(stop, time.monotonic() + grace)
+        if time.monotonic() > stop:
+            timed_out = time.monotonic() > deadline
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+        time.sleep(0.02)
+    failed += [proc for proc in procs if proc.returncode != 0 and proc not in failed]
+    outputs = [proc.communicate() for proc in procs]
+    ranks = [
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        for proc, (out, err) in zip(procs, outputs, strict=True)
+    ]
+    report = "".join(
+        f"[rank {r}] exit {rank.returncode}\nstdout:\n{rank.stdout[-3000:]}\nstderr:\n{rank.stderr[-5000:]}\n"
+        for r, rank in enumerate(ranks)
+    )
+    if timed_out:
+        raise AssertionError(f"{nproc} forked ranks of {script} still ran after {timeout} s\n{report}")
+    proc = subprocess.CompletedProcess(
+        ["torchrun", f"--nproc_per_node={nproc}", script, *args],
+        failed[0].returncode if failed else 0,
+        "".join(f"[rank {r}]\n{rank.stdout}" for r, rank in enumerate(ranks)),
+        "".join(f"[rank {r}]\n{rank.stderr}" for r, rank in enumerate(ranks)),
+    )
+    proc.ranks = ranks
+    if check and proc.returncode != 0:
+        raise AssertionError(report)
+    return proc
 
 
 def checked(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:

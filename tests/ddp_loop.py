@@ -1,6 +1,7 @@
 """Data-parallel runs of the loop, built in Python: `torchrun --nproc_per_node=2 tests/ddp_loop.py OUT` (gloo on the
-CPU) writes one file per scenario and rank to OUT; `tests/test_ddp_loop.py` starts it and compares. The functions
-also run in one process (rank 0 of 1), the reference of the comparisons."""
+CPU) writes one file per scenario and rank to OUT; `tests/test_ddp_loop.py` starts it as two forked ranks
+(`conftest.forked_ranks`, torchrun's environment) and compares. The functions also run in one process (rank 0 of 1),
+the reference of the comparisons."""
 
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
 """DistributedDataParallel through the real `torchrun` on the CPU (gloo): one run dir, rank 0 writes, the model
-equals a single process with the same global batch, two nodes equal one, a restarted group resumes exactly."""
+equals a single process with the same global batch, two nodes equal one, a restarted group resumes exactly. Tests of
+lab under two ranks rather than of torchrun run forked ranks (`forked_ddp`), which save torchrun's interpreters."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, train
+from conftest import ROOT, cli_env, forked_ranks, free_port, train
 
 # No dropout (its random masks differ between one process and two) and no BatchNorm (its statistics are per
 # process on the CPU): with these, two processes of batch 16 must take exactly the step of one of batch 32.
@@ -41,7 +41,7 @@ def torchrun(log_dir: Path, *overrides: str, check: bool = True, probe: Path | N
     `probe`, each rank runs `sitecustomize` at start-up (by default it writes the names of its threads left at exit
     to `probe/threads-<rank>`)."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launch,
-            str(ROOT / "train.py"), "trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]  # fmt: skip
+            str(ROOT / "train.py"), *ddp_args(log_dir, overrides)]  # fmt: skip
     env = cli_env()
     if probe is not None:
         probe.mkdir(parents=True)
@@ -53,6 +53,16 @@ def torchrun(log_dir: Path, *overrides: str, check: bool = True, probe: Path | N
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
     return proc
+
+
+def ddp_args(log_dir: Path, overrides: tuple[str, ...]) -> list[str]:
+    return ["trainer=ddp", f"paths.log_dir={log_dir}", *MODEL, *overrides]
+
+
+def forked_ddp(log_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun(log_dir, *overrides)` as two ranks forked from this process (`conftest.forked_ranks`): for tests of
+    lab under two ranks, not of torchrun; the ranks' outputs one after the other."""
+    return forked_ranks("train.py", ddp_args(log_dir, overrides), check=check)
 
 
 def only_run_dir(log_dir: Path) -> Path:
@@ -131,18 +141,12 @@ def test_trainer_ddp_without_torchrun_says_how_to_start_it(tmp_path):
 
 @pytest.mark.slow
 def test_unfreezing_during_training_is_refused_under_ddp(tmp_path):
-    proc = torchrun(tmp_path / "ddp", "model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=32",
-                    "model.unfreeze_at_epoch=1", check=False)  # fmt: skip
+    proc = forked_ddp(tmp_path / "ddp", "model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=32",
+                      "model.unfreeze_at_epoch=1", check=False)  # fmt: skip
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert ours and all("(model.unfreeze_at_epoch)" in line for line in ours), proc.stderr[-3000:]
     assert not list((tmp_path / "ddp").rglob("*.pt"))  # refused before training
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def files_under(path: Path) -> list[Path]:

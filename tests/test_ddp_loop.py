@@ -1,4 +1,4 @@
-"""The loop under DistributedDataParallel, 2 gloo ranks through the real `torchrun` (`tests/ddp_loop.py`):
+"""The loop under DistributedDataParallel, 2 gloo ranks forked as torchrun starts them (`tests/ddp_loop.py`):
 accumulation with `no_sync` equals one process with the global batch, a NaN on one rank skips the step on both,
 throughput counts every rank's samples, BatchNorm statistics and EMA averages agree on every rank, and a stop
 signal on one rank stops both after the same step."""
@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import itertools
 import signal
-import subprocess
-import sys
 
 import ddp_loop
 import pytest
 import torch
-from conftest import ROOT, cli_env
+from conftest import forked_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_loop")
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(ROOT / "tests" / "ddp_loop.py"), str(out)]  # fmt: skip
-    proc = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    forked_ranks("tests/ddp_loop.py", [str(out)])
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 

@@ -1,6 +1,7 @@
-"""FSDP2 (`trainer.strategy=fsdp`) through the real `torchrun` on the CPU (2 gloo processes): `fully_shard`, a sharded
-checkpoint written with torch.distributed.checkpoint, a resume at the same world size and one in a single process,
-and export, predict.py and the final evaluation on the result.
+"""FSDP2 (`trainer.strategy=fsdp`) on the CPU, 2 gloo ranks forked from the test process with torchrun's
+environment (`conftest.forked_ranks`): `fully_shard`, a sharded checkpoint written with torch.distributed.checkpoint,
+a resume at the same world size and one in a single process, and export, predict.py and the final evaluation on the
+result.
 
 The reference is one process with the global batch, in this process: DDP is proven equal to it in test_ddp.py and
 test_ddp_loop.py, so FSDP equal to it is FSDP equal to DDP. Tolerance: the same sums in another order in float32
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import in_process, train
-from test_ddp import MODEL, only_run_dir, torchrun
+from test_ddp import MODEL, forked_ddp, only_run_dir
 
 # The MLP on wine, 4 optimizer steps an epoch of 2 accumulated batches each (the first without gradient
 # reduction), clipped (the norm is taken over every rank's shards). Validation holds 21 samples, 11 and 10 on the
@@ -32,10 +33,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Epoch 1 under fsdp; epoch 2 resumed from its last.pt under fsdp (asynchronous sharded save, export);
     the reference: both epochs in one process."""
     root = tmp_path_factory.mktemp("fsdp")
-    torchrun(root / "first", *FSDP, *RUN, "trainer.max_epochs=1")
+    forked_ddp(root / "first", *FSDP, *RUN, "trainer.max_epochs=1")
     first = only_run_dir(root / "first")
-    torchrun(root / "resumed", *FSDP, *RUN, "trainer.max_epochs=2", "trainer.fsdp.async_save=true",
-             f"ckpt_path={first / 'checkpoints' / 'last.pt'}", "export=[state_dict]")  # fmt: skip
+    forked_ddp(root / "resumed", *FSDP, *RUN, "trainer.max_epochs=2", "trainer.fsdp.async_save=true",
+               f"ckpt_path={first / 'checkpoints' / 'last.pt'}", "export=[state_dict]")  # fmt: skip
     train(root / "single", *MODEL, *RUN, *SINGLE, "trainer.max_epochs=2")
     return {"first": first, "resumed": only_run_dir(root / "resumed"), "single": root / "single"}
 

@@ -131,11 +131,12 @@ def test_predictions_figure_titles_green_when_right_red_when_wrong() -> None:
 
 @pytest.mark.slow
 def test_under_ddp_the_final_figures_cover_the_whole_split(tmp_path: Path) -> None:
-    """Two CPU processes (real torchrun, gloo): each evaluates half of val; the figures hold all 144 samples."""
-    from test_ddp import only_run_dir, torchrun
+    """Two CPU ranks (gloo, forked as torchrun starts them): each evaluates half of val; the figures hold all 144
+    samples."""
+    from test_ddp import forked_ddp, only_run_dir
 
-    torchrun(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "logger=tensorboard", "monitor=full",
-             "monitor.embedding.count=1000", "model=simple_cnn", "dataset.batch_size=32")  # fmt: skip
+    forked_ddp(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "logger=tensorboard", "monitor=full",
+               "monitor.embedding.count=1000", "model=simple_cnn", "dataset.batch_size=32")  # fmt: skip
     log_dir = only_run_dir(tmp_path) / "tensorboard"
     acc = events(log_dir)
     for stage, size in (("val", 144), ("test", 359)):  # digits' splits

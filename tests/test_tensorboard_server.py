@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import cli_env, free_port, train
 
 
 def get_json(url: str):
