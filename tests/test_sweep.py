@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, Forked, cli_env, in_process, run_cli
+from conftest import CONF, Forked, cli_env, forked_ranks, in_process, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -365,15 +365,9 @@ def test_torchrun_launcher_failure_shows_what_torchrun_said(tmp_path: Path) -> N
 def test_multirun_under_torchrun_fails_at_once(tmp_path: Path) -> None:
     # `torchrun --standalone --nproc_per_node=2 train.py -m ...`: its two ranks, forked with the environment torchrun
     # gives them. Each stops before any rendezvous (which would wait for the other rank); rank 0 says why.
-    args = ["-m", "optimizer.lr=0.005,0.01"]
-    torchrun = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": "29599", "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"}  # fmt: skip
-    ranks = [
-        Forked("train.py", args, env=cli_env(RANK=str(rank), LOCAL_RANK=str(rank), **torchrun))
-        for rank in (0, 1)
-    ]
-    stderr = "".join(rank.communicate(timeout=120)[1] for rank in ranks)
-    assert all(rank.returncode != 0 for rank in ranks)
+    proc = forked_ranks("train.py", ["-m", "optimizer.lr=0.005,0.01"], check=False, timeout=120)
+    assert all(rank.returncode != 0 for rank in proc.ranks)
+    stderr = "".join(rank.stderr for rank in proc.ranks)
     lines = [x for x in stderr.splitlines() if x.startswith("error: ")]
     assert lines == [
         "error: a sweep (-m) under torchrun runs one sweeper per process (torchrun ... train.py -m): run the sweep "
