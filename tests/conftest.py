@@ -49,6 +49,17 @@ torch.set_num_threads(int(THREADS))
 FEATURE_CACHE = Path(tempfile.mkdtemp(prefix="lab-test-features-"))
 
 
+# The files that take longest start first: with `--dist loadfile` (pyproject.toml) a file runs on one worker, and a
+# long file started last would leave the other worker idle at the end. The rest keep their order.
+LONGEST_FIRST = ("test_sweep.py", "test_ddp.py", "test_kill_resume.py", "test_bad_inputs.py", "test_speed.py",
+                 "test_wandb.py", "test_docs.py", "test_fsdp.py", "test_export.py", "test_predict.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
 def compose_config(overrides: list[str] = (), output_dir: Path | str = "/tmp/lab-test") -> DictConfig:
     """The config `python train.py <overrides>` would run with (paths.output_dir pointed at a temp dir)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
