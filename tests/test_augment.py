@@ -28,12 +28,20 @@ def first_batch(loader) -> torch.Tensor:
     return next(iter(loader))[0]
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The loaders without augment, built once for every preset: their batches draw nothing from the RNG, and
+    their order depends on the seed and epoch alone, so each test reads the same batches from them."""
+    return loaders_for(tmp_path_factory.mktemp("plain"))
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_each_preset_trains_and_changes_training_batches_only(tmp_path: Path, preset: str) -> None:
+def test_each_preset_trains_and_changes_training_batches_only(
+    tmp_path: Path, preset: str, plain: dict
+) -> None:
     metrics = train_in_process(tmp_path / "run", f"augment={preset}")
     assert metrics["status"] == "success" and 0 <= metrics["val/acc"] <= 1
 
-    plain = loaders_for(tmp_path / "plain")
     augmented = loaders_for(tmp_path / "aug", f"augment={preset}")
     raw, aug = first_batch(plain["train"]), first_batch(augmented["train"])
     assert raw.shape == aug.shape and raw.dtype == aug.dtype
