@@ -125,7 +125,9 @@ def test_offline_run_has_config_history_summary_and_checkpoint(first_run: Path) 
 def test_log_checkpoints_all_uploads_every_epochs_last_pt(tmp_outputs: Path) -> None:
     run_dir = tmp_outputs / "all"
     # Synchronous writes: each epoch's last.pt is on disk when the next epoch ends, so the count is exact.
-    train(run_dir, *TINY, "trainer.max_epochs=3", "logger=wandb", "logger.wandb.log_checkpoints=all",
+    # Three short epochs; no media or test split (not what is counted).
+    train(run_dir, *TINY, "trainer.max_epochs=3", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+              "test=false", "monitor=none", "logger=wandb", "logger.wandb.log_checkpoints=all",
               "checkpoint.async_write=false")  # fmt: skip
     [path] = offline_runs(run_dir)
     models = [a for a in read_run(path)["artifacts"] if a.type == "model"]
