@@ -7,7 +7,6 @@ torch.onnx, onnxruntime on the CPU, PNG files written and read with PIL.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +30,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_export_cli_writes_every_format(trained: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "export.py"), f"ckpt_path={trained / 'checkpoints' / 'best.pt'}"],
+@pytest.fixture(scope="module")
+def exported(trained: Path) -> subprocess.CompletedProcess:
+    """`python export.py ckpt_path=<best.pt>`, once: every format in <run>/export, which the other tests read (an
+    ONNX export costs 2 CPU s)."""
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), f"ckpt_path={trained / 'checkpoints' / 'best.pt'}"],
                           env=cli_env(), capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+
+
+def test_export_cli_writes_every_format(trained: Path, exported: subprocess.CompletedProcess) -> None:
     out = trained / "export"
-    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert exported.stdout.strip().splitlines()[-1] == str(out)
     assert {p.name for p in out.iterdir()} == {"model.pt", "model.safetensors", "model.onnx", "model.yaml",
                                                "class_names.json", "config.yaml", "README.md"}  # fmt: skip
     assert json.loads((out / "class_names.json").read_text())["class_names"] == [str(i) for i in range(10)]
@@ -44,9 +49,8 @@ def test_export_cli_writes_every_format(trained: Path) -> None:
     assert "class probabilities (N, 10)" in readme
 
 
-def test_the_tutorials_load_line_works_on_model_pt(trained: Path, tmp_path: Path) -> None:
-    export(trained / "checkpoints" / "best.pt", ["state_dict"], tmp_path)
-    os.chdir(tmp_path)  # the README's lines, verbatim, run where the files are
+def test_the_tutorials_load_line_works_on_model_pt(trained: Path, exported, monkeypatch) -> None:
+    monkeypatch.chdir(trained / "export")  # the README's lines, verbatim, run where the files are
     import hydra
     from omegaconf import OmegaConf
 
@@ -66,10 +70,10 @@ def test_the_tutorials_load_line_works_on_model_pt(trained: Path, tmp_path: Path
         torch.testing.assert_close(model.eval()(raw), expected)
 
 
-def test_onnx_matches_pytorch_with_onnxruntime_for_any_batch_size(trained: Path, tmp_path: Path) -> None:
+def test_onnx_matches_pytorch_with_onnxruntime_for_any_batch_size(trained: Path, exported) -> None:
     from lab.predict import load, load_model
 
-    out = export(trained / "checkpoints" / "best.pt", ["onnx", "safetensors"], tmp_path, check=False)
+    out = trained / "export"
     raw_model, _, _ = load(trained / "checkpoints" / "best.pt")
     model, _, _ = load_model(trained / "checkpoints" / "best.pt", "cpu")
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -91,7 +95,7 @@ def test_onnx_matches_pytorch_with_onnxruntime_for_any_batch_size(trained: Path,
 
 
 def test_image_files_give_the_same_numbers_from_best_pt_model_pt_and_onnx(
-    trained: Path, tmp_path: Path
+    trained: Path, exported, tmp_path: Path
 ) -> None:
     """predict.py on best.pt and on export/model.pt, and onnxruntime on model.onnx fed the files' raw pixels."""
     import numpy as np
@@ -105,8 +109,7 @@ def test_image_files_give_the_same_numbers_from_best_pt_model_pt_and_onnx(
     images.mkdir()
     for i, pixels in enumerate(Digits().data[:6]):  # digits' 0..1 values as 8-bit grayscale PNGs
         Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8), mode="L").save(images / f"{i}.png")
-    best = trained / "checkpoints" / "best.pt"
-    out = export(best, ["state_dict", "onnx"], tmp_path / "export")
+    best, out = trained / "checkpoints" / "best.pt", trained / "export"
     from_best, from_export = (
         predict(best, images, device="cpu"),
         predict(out / "model.pt", images, device="cpu"),
@@ -130,10 +133,10 @@ def test_image_files_give_the_same_numbers_from_best_pt_model_pt_and_onnx(
     assert from_best.labels == [str(i) for i in expected.argmax(1).tolist()]
 
 
-def test_exported_model_pt_predicts_and_starts_training(trained: Path, tmp_path: Path) -> None:
+def test_exported_model_pt_predicts_and_starts_training(trained: Path, exported, tmp_path: Path) -> None:
     from lab.predict import load_model
 
-    out = export(trained / "checkpoints" / "best.pt", ["state_dict"], tmp_path / "export")
+    out = trained / "export"
     _, config, class_names = load_model(out / "model.pt", "cpu")
     assert class_names == [str(i) for i in range(10)] and config["dataset"]["name"] == "digits"
     evaluated = tmp_path / "eval"
@@ -141,12 +144,13 @@ def test_exported_model_pt_predicts_and_starts_training(trained: Path, tmp_path:
     ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (evaluated, trained))
     assert ours["val/acc"] == theirs["val/acc"]
     finetuned = tmp_path / "finetune"
-    run(compose_config([*QUIET, f"ckpt_path={out / 'model.pt'}", *TINY], finetuned))
+    run(compose_config([*QUIET, f"ckpt_path={out / 'model.pt'}", *TINY, "trainer.limit_train_batches=1",
+                        "trainer.limit_val_batches=1", "test=false"], finetuned))  # fmt: skip
     assert json.loads((finetuned / "metrics.json").read_text())["epochs"] == 2  # from epoch 0, not resumed
 
 
 def test_export_at_the_end_of_training(tmp_path: Path) -> None:
-    run(compose_config([*QUIET, "export=[state_dict]", *TINY], tmp_path))
+    run(compose_config([*QUIET, "export=[state_dict]", "trainer.max_steps=1", "test=false"], tmp_path))
     assert (tmp_path / "export" / "model.pt").is_file() and (tmp_path / "export" / "model.yaml").is_file()
     assert not (tmp_path / "export" / "model.onnx").exists()
 

@@ -11,6 +11,7 @@ import csv
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +97,34 @@ TABLES = {
 }
 
 
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`table_run(task)`: the run directory of TABLES[task] trained with TensorBoard and monitor=full, trained once
+    in this module (the test of a bad table row reads the classification run too)."""
+    runs: dict[str, Path] = {}
+
+    def trained(task: str) -> Path:
+        if task not in runs:
+            overrides, _ = TABLES[task]
+            run_dir = tmp_path_factory.mktemp(task) / "run"
+            run(compose_config([*QUICK, *overrides, "logger=tensorboard", "monitor=full"], run_dir))
+            runs[task] = run_dir
+        return runs[task]
+
+    return trained
+
+
 @pytest.mark.parametrize("task", list(TABLES))
-def test_table_rows_give_the_same_numbers_from_best_pt_model_pt_and_onnx(task: str, tmp_path: Path) -> None:
+def test_table_rows_give_the_same_numbers_from_best_pt_model_pt_and_onnx(
+    task: str, table_run: Callable[[str], Path], tmp_path: Path
+) -> None:
     """A CSV as the table holds it (target column included, columns in another order) → the same predictions
     from predict.py on best.pt and on export/model.pt and from onnxruntime; monitor=full draws what applies."""
     from lab.data.tabular import SklearnTable
 
     overrides, table = TABLES[task]
-    run(compose_config([*QUICK, *overrides, "logger=tensorboard", "monitor=full"], tmp_path / "run"))
-    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    run_dir = table_run(task)
+    best = run_dir / "checkpoints" / "best.pt"
     source = SklearnTable(table) if table else MultiHotWine()
     raw, names = source.data[:5], source.feature_names
     rows = tmp_path / "rows.csv"
@@ -177,21 +197,21 @@ def test_table_rows_give_the_same_numbers_from_best_pt_model_pt_and_onnx(task: s
     # monitor=full drew what applies to the task, on the final weights too.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     curves = set(events.PluginTagToContent("pr_curves")) if task != "regression" else set()
     assert (task == "regression") == (not curves)
     assert {f"final/test/pr_curve/{c}" for c in from_best.columns} <= curves or task == "regression"
 
 
-def test_a_table_row_that_is_not_a_number_is_named(tmp_path: Path) -> None:
-    run(compose_config([*QUICK, "dataset=wine", "model=mlp", "trainer.max_epochs=1"], tmp_path / "run"))
+def test_a_table_row_that_is_not_a_number_is_named(table_run: Callable[[str], Path], tmp_path: Path) -> None:
+    best = table_run("classification") / "checkpoints" / "best.pt"  # wine
     from lab.data.tabular import SklearnTable
 
     names = SklearnTable("wine").feature_names
     rows = tmp_path / "rows.csv"
     rows.write_text(",".join(names) + "\n" + ",".join(["1"] * 12 + ["nan"]) + "\n")
     with pytest.raises(UserError, match=f"line 2, column {names[-1]}: 'nan' is not a finite number"):
-        predict(tmp_path / "run" / "checkpoints" / "best.pt", rows, device="cpu")
+        predict(best, rows, device="cpu")
     rows.write_text(",".join(names[:-1]) + "\n" + ",".join(["1"] * 12) + "\n")
     with pytest.raises(UserError, match=f"column '{names[-1]}' is missing"):
-        predict(tmp_path / "run" / "checkpoints" / "best.pt", rows, device="cpu")
+        predict(best, rows, device="cpu")

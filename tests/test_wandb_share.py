@@ -21,9 +21,20 @@ from lab.train import run
 SECRET = "hf_S3cretTokenValue0042"
 
 
-def test_secret_overrides_stay_out_of_every_file_the_run_writes(tmp_outputs: Path) -> None:
-    run_dir = tmp_outputs / "run"
-    train(run_dir, *TINY, "logger=many", f"+paths.hf_token={SECRET}", "+paths.db_password=pw-Hunter2-xyz")
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run for the secrets and watch tests: every logger (W&B watching the head of a frozen backbone on cached
+    features, lab's histograms every step), the export folder as an artifact, two secret overrides."""
+    run_dir = tmp_path_factory.mktemp("wandb_share") / "run"
+    train(run_dir, *TINY, "logger=many", f"+paths.hf_token={SECRET}", "+paths.db_password=pw-Hunter2-xyz",
+              "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32",
+              "logger.wandb.watch.log=all", "logger.wandb.watch.log_freq=1", "monitor.histograms.every_n_steps=1",
+              f"paths.feature_cache={run_dir.parent / 'cache'}", "export=[state_dict]")  # fmt: skip
+    return run_dir
+
+
+def test_secret_overrides_stay_out_of_every_file_the_run_writes(shared_run: Path) -> None:
+    run_dir = shared_run
     [path] = offline_runs(run_dir)
     record = read_run(path)["run"]
     assert "paths.hf_token=***" in record.display_name  # the name still says which overrides were given
@@ -31,7 +42,9 @@ def test_secret_overrides_stay_out_of_every_file_the_run_writes(tmp_outputs: Pat
     assert any("+paths.hf_token=***" in e.args for e in environments)  # W&B's record of the command line
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 20 and any(p.suffix == ".wandb" for p in files)
-    for p in files:  # the W&B record, its metadata (command line), debug logs, TensorBoard, checkpoints ...
+    for p in (
+        files
+    ):  # the W&B record, its metadata (command line), debug logs, TensorBoard, checkpoints, export ...
         data = p.read_bytes()
         assert SECRET.encode() not in data and b"pw-Hunter2-xyz" not in data, p
     # The tutorials' wandb.save: the (redacted) config file travels with the run.
@@ -39,13 +52,8 @@ def test_secret_overrides_stay_out_of_every_file_the_run_writes(tmp_outputs: Pat
     assert "hf_token: '***'" in saved.read_text()
 
 
-def test_watch_all_logs_the_head_on_cached_features_and_no_duplicate_histograms(tmp_outputs: Path) -> None:
-    run_dir = tmp_outputs / "watch"
-    train(run_dir, *TINY, "model=resnet18_frozen", "model.weights=null", "dataset.image_size=32",
-              "logger=wandb", "logger.wandb.watch.log=all", "logger.wandb.watch.log_freq=1",
-              "monitor.histograms.every_n_steps=1", f"paths.feature_cache={tmp_outputs / 'cache'}",
-              "export=[state_dict]")  # fmt: skip
-    [path] = offline_runs(run_dir)
+def test_watch_all_logs_the_head_on_cached_features_and_no_duplicate_histograms(shared_run: Path) -> None:
+    [path] = offline_runs(shared_run)
     wandb_run = read_run(path)
     keys = set().union(*wandb_run["history"])
     assert {"parameters/1.weight", "gradients/1.weight", "parameters/1.bias"} <= keys  # the head (Sequential)
