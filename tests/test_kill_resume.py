@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL at random moments, resume, and get the uninterrupted run bit for bit. The killed runs are
-real processes forked from the test process (`conftest.Forked`); the SIGTERM test starts the real CLI.
+real processes forked from the test process (`conftest.Forked`), as is the SIGTERM test's (train.py's real CLI
+process is tested in test_train.py).
 
 Also: SIGTERM stops cleanly (last.pt, loggers closed, exit 143), resume continues the epoch count, `resume=auto`.
 """
@@ -13,13 +14,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, Forked, cli_env, forked_train, train
+from conftest import Forked, cli_env, forked_train, train
 
 from lab import checkpoint as ckpt
 
@@ -43,20 +43,6 @@ TIMING_COLUMNS = {"train/samples_per_sec", "epoch_time"}
 def popen_train(run_dir: Path, *overrides: str) -> Forked:
     """A real process to kill: a fork of this one (its imports already done), running train.py."""
     return forked_train(run_dir, *overrides)
-
-
-def cli_popen_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    """`python train.py ...` from a fresh interpreter, as a user starts it."""
-    args = [sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", "print_config=false"]
-    return subprocess.Popen(
-        [*args, f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
@@ -234,7 +220,7 @@ def test_resume_continues_the_epoch_count_and_reproduces_the_metrics(reference: 
 def test_sigterm_saves_last_closes_loggers_and_exits_143(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
-    proc = cli_popen_train(run_dir, "trainer.max_epochs=200", "trainer.log_every_n_steps=1",
+    proc = popen_train(run_dir, "trainer.max_epochs=200", "trainer.log_every_n_steps=1",
                        "checkpoint.every_n_steps=5")  # fmt: skip
     wait_for_new_file(proc, last, None)
     assert proc.poll() is None, proc.communicate()
