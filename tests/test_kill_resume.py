@@ -149,7 +149,7 @@ RECIPES = ["callbacks=[default,ema]", "callbacks.ema.decay=0.9", "mix=mixup_cutm
 LOADERS = {
     "in_memory": [],
     "dataloader": ["dataset.in_memory=false"],
-    "lean": ["model=resnet18_frozen", "model.weights_path={weights}", "dataset.image_size=32",
+    "lean": ["model=resnet18_frozen", "model.weights_path={weights}", "dataset.image_size=16",
              "paths.feature_cache={cache}"],
     "recipes": RECIPES,
 }  # fmt: skip
