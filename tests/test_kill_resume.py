@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL at random moments, resume, and get the uninterrupted run bit for bit. The killed runs are
-real processes forked from the test process (`conftest.Forked`); the SIGTERM test starts the real CLI.
+real processes forked from the test process (`conftest.Forked`), as is the SIGTERM test's (train.py's real CLI
+process is tested in test_train.py).
 
 Also: SIGTERM stops cleanly (last.pt, loggers closed, exit 143), resume continues the epoch count, `resume=auto`.
 """
@@ -13,13 +14,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, Forked, cli_env, forked_train, train
+from conftest import Forked, cli_env, forked_train, train
 
 from lab import checkpoint as ckpt
 
@@ -43,20 +43,6 @@ TIMING_COLUMNS = {"train/samples_per_sec", "epoch_time"}
 def popen_train(run_dir: Path, *overrides: str) -> Forked:
     """A real process to kill: a fork of this one (its imports already done), running train.py."""
     return forked_train(run_dir, *overrides)
-
-
-def cli_popen_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    """`python train.py ...` from a fresh interpreter, as a user starts it."""
-    args = [sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", "print_config=false"]
-    return subprocess.Popen(
-        [*args, f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
@@ -163,7 +149,7 @@ RECIPES = ["callbacks=[default,ema]", "callbacks.ema.decay=0.9", "mix=mixup_cutm
 LOADERS = {
     "in_memory": [],
     "dataloader": ["dataset.in_memory=false"],
-    "lean": ["model=resnet18_frozen", "model.weights_path={weights}", "dataset.image_size=32",
+    "lean": ["model=resnet18_frozen", "model.weights_path={weights}", "dataset.image_size=16",
              "paths.feature_cache={cache}"],
     "recipes": RECIPES,
 }  # fmt: skip
@@ -234,7 +220,7 @@ def test_resume_continues_the_epoch_count_and_reproduces_the_metrics(reference: 
 def test_sigterm_saves_last_closes_loggers_and_exits_143(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
-    proc = cli_popen_train(run_dir, "trainer.max_epochs=200", "trainer.log_every_n_steps=1",
+    proc = popen_train(run_dir, "trainer.max_epochs=200", "trainer.log_every_n_steps=1",
                        "checkpoint.every_n_steps=5")  # fmt: skip
     wait_for_new_file(proc, last, None)
     assert proc.poll() is None, proc.communicate()
@@ -286,8 +272,8 @@ def test_one_process_per_run_folder_and_resume_auto_continues_that_folder(tmp_pa
 
     runs = tmp_path / "outputs" / "train" / "runs"
     a, b = runs / "a", runs / "b"
-    common = [f"paths.log_dir={tmp_path / 'outputs'}", "trainer.log_every_n_steps=1", "logger=many",
-              "logger.wandb.mode=offline"]  # fmt: skip
+    log_dir = f"paths.log_dir={tmp_path / 'outputs'}"
+    common = [log_dir, "trainer.log_every_n_steps=1", "logger=many", "logger.wandb.mode=offline"]
     proc = popen_train(a, *common, "trainer.max_epochs=200", "checkpoint.every_n_steps=5")
     wait_for_new_file(proc, a / "checkpoints" / "last.pt", None)
     assert proc.poll() is None, proc.communicate()
@@ -303,7 +289,8 @@ def test_one_process_per_run_folder_and_resume_auto_continues_that_folder(tmp_pa
     proc.kill()
     proc.communicate(timeout=60)
     step = ckpt.load(a / "checkpoints" / "last.pt")["global_step"]
-    train(b, *common, "debug=fast", "checkpoint=default", "trainer.max_epochs=1")  # newer, another run
+    # A newer run, another one (whose loggers are not under test).
+    train(b, log_dir, "debug=fast", "checkpoint=default", "trainer.max_epochs=1", "logger=none")
 
     resumed = train(
         a,

@@ -254,7 +254,7 @@ def test_max_steps_stops_mid_epoch_validated_and_resumes_exactly(tmp_path: Path)
 
 
 def test_max_time_stops_with_last_pt_written_and_resumes_exactly(tmp_path: Path) -> None:
-    metrics = train_in_process(tmp_path / "timed", *LOOP, "trainer.max_epochs=1000", "trainer.max_time=1.5")
+    metrics = train_in_process(tmp_path / "timed", *LOOP, "trainer.max_epochs=1000", "trainer.max_time=0.5")
     assert metrics["stop_reason"] == "max_time" and 0 < metrics["global_step"] < 8000
     last = ckpt.load(tmp_path / "timed" / "checkpoints" / "last.pt")
     assert last["global_step"] == metrics["global_step"]  # written where the time ran out

@@ -134,16 +134,19 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
 def test_bf16_autocast_trains_on_the_cpu(tmp_path, precision):
-    metrics = final_metrics(tmp_path, f"trainer.precision={precision}")
+    # Batches of 16, one validation batch, no test split: bf16 convolutions are slow on most CPUs, and only finite
+    # numbers and the step count are checked.
+    small = ["dataset.batch_size=16", "trainer.limit_val_batches=1", "test=false"]
+    metrics = final_metrics(tmp_path, f"trainer.precision={precision}", *small)
     assert math.isfinite(metrics["val/loss"]) and metrics["global_step"] == 8
 
 
 @pytest.mark.slow
 def test_compile_trains_and_its_checkpoint_loads_into_a_plain_model(tmp_path):
     """torch.compile on the CPU (inductor needs the C++ compiler that is on this machine)."""
-    state = model_after(tmp_path, "model=mlp", "model.hidden=16", "trainer.compile=true",
+    state = model_after(tmp_path, *MLP_NO_DROPOUT, "model.hidden=16", "model.depth=1", "trainer.compile=true",
                         "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")  # fmt: skip
     assert not any(key.startswith("_orig_mod") for key in state)  # the plain module's keys
-    model = MLP(input_shape=(1, 8, 8), num_outputs=10, hidden=16)
+    model = MLP(input_shape=(1, 8, 8), num_outputs=10, hidden=16, depth=1)
     model.load_state_dict(state)  # strict
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
