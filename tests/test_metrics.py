@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib
 import json
 import os
 import socket
@@ -15,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QUIET, train
-from torchmetrics import classification as tm_classification
-from torchmetrics import regression as tm_regression
 
 from lab.tasks import metrics
 
@@ -45,9 +44,19 @@ def regression(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pair(name: str, data: Callable, *args: object, theirs: dict | None = None, **kwargs: object) -> tuple:
     """lab's metric `name`, torchmetrics' of the same name with the same arguments (and `theirs`), and `data`."""
-    library = tm_regression if data is regression else tm_classification
+    library = "regression" if data is regression else "classification"
     ours = functools.partial(getattr(metrics, name), *args, **kwargs)
-    return ours, functools.partial(getattr(library, name), *args, **kwargs, **(theirs or {})), data
+    return (
+        ours,
+        functools.partial(torchmetrics_metric, library, name, *args, **kwargs, **(theirs or {})),
+        data,
+    )
+
+
+def torchmetrics_metric(module: str, name: str, *args: object, **kwargs: object):
+    """`torchmetrics.<module>.<name>(...)`, imported when a test builds one: importing torchmetrics costs each pytest
+    worker seconds when it collects this file."""
+    return getattr(importlib.import_module(f"torchmetrics.{module}"), name)(*args, **kwargs)
 
 
 MICRO = {"average": "micro"}  # torchmetrics' accuracy averages over classes by default; lab's over samples
@@ -226,7 +235,9 @@ def test_a_mid_epoch_state_of_another_metric_class_is_one_line_naming_the_metric
     def sums(metric) -> Sums:
         return Sums(Task(torch.nn.MSELoss(), {"acc": metric}, (3,)), torch.device("cpu"))
 
-    written = sums(tm_classification.MulticlassAccuracy(num_classes=3)).state_dict()
+    written = sums(torchmetrics_metric("classification", "MulticlassAccuracy", num_classes=3)).state_dict()
     with pytest.raises(UserError, match=r"metric 'acc' .*task\.metrics\.acc"):
         sums(metrics.MulticlassAccuracy(num_classes=3)).load_state_dict(written)
-    sums(tm_classification.MulticlassAccuracy(num_classes=3)).load_state_dict(written)  # the same class loads
+    sums(torchmetrics_metric("classification", "MulticlassAccuracy", num_classes=3)).load_state_dict(
+        written
+    )  # the same class loads

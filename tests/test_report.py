@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, in_process
 from PIL import Image
-from scipy.stats import t
 
 from lab import sweep_summary
 
@@ -55,6 +54,8 @@ def png_description(path: Path) -> str:
 
 
 def test_seeds_are_aggregated_per_configuration(seeds: tuple[Path, subprocess.CompletedProcess]) -> None:
+    from scipy.stats import t  # here, not at the top: each pytest worker would pay its import when collecting
+
     sweep_dir, proc = seeds
     by_lr = jobs_by_lr(sweep_dir)
     assert {lr: len(jobs) for lr, jobs in by_lr.items()} == {"1e-3": 2, "3e-2": 2}

@@ -16,12 +16,13 @@ import pytest
 import torch
 from conftest import TINY, cli_env, train
 
-wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
-
 BLOCK, HEADER = 32 * 1024, 7
 
 
 def records(path: Path) -> Iterator:
+    # Imported here: at the top, each pytest worker would import wandb when it collects this file.
+    from wandb.proto import wandb_internal_pb2
+
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     pos, pieces = HEADER, []
