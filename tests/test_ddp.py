@@ -1,6 +1,8 @@
-"""DistributedDataParallel through the real `torchrun` on the CPU (gloo): one run dir, rank 0 writes, the model
-equals a single process with the same global batch, two nodes equal one, a restarted group resumes exactly. Tests of
-lab under two ranks rather than of torchrun run forked ranks (`forked_ddp`), which save torchrun's interpreters."""
+"""DistributedDataParallel on the CPU (gloo): one run dir, rank 0 writes, the model equals a single process with the
+same global batch, two nodes equal one, a restarted group resumes exactly, torchrun's workers exit cleanly. Tests of lab
+under two ranks run forked ranks (`forked_ddp`, the reference job included), which save torchrun's interpreters; the
+real `torchrun` runs where torchrun itself is tested: two nodes (its rendezvous, and a real interpreter exit in each
+worker) and an elastic restart."""
 
 from __future__ import annotations
 
@@ -42,17 +44,22 @@ def torchrun(log_dir: Path, *overrides: str, check: bool = True, probe: Path | N
     to `probe/threads-<rank>`)."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launch,
             str(ROOT / "train.py"), *ddp_args(log_dir, overrides)]  # fmt: skip
-    env = cli_env()
-    if probe is not None:
-        probe.mkdir(parents=True)
-        (probe / "sitecustomize.py").write_text(sitecustomize)
-        env.update(PYTHONPATH=f"{probe}{os.pathsep}{env['PYTHONPATH']}", EXIT_PROBE_DIR=str(probe))
+    env = cli_env() if probe is None else probe_env(probe, sitecustomize)
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0 or not check, (
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
     return proc
+
+
+def probe_env(probe: Path, sitecustomize: str = EXIT_PROBE) -> dict[str, str]:
+    """`cli_env()` with `probe/sitecustomize.py` (written here) run by each process at start-up; EXIT_PROBE_DIR=probe."""
+    probe.mkdir(parents=True, exist_ok=True)
+    (probe / "sitecustomize.py").write_text(sitecustomize)
+    env = cli_env()
+    env.update(PYTHONPATH=f"{probe}{os.pathsep}{env['PYTHONPATH']}", EXIT_PROBE_DIR=str(probe))
+    return env
 
 
 def ddp_args(log_dir: Path, overrides: tuple[str, ...]) -> list[str]:
@@ -72,8 +79,9 @@ def only_run_dir(log_dir: Path) -> Path:
 
 
 # Deterministic, 6 steps of 2 x 8 samples, last.pt every 2 steps (written in the loop), EMA on: each rank averages
-# its own (identical) weights, which must equal one process's average. One uninterrupted torchrun job with these
-# settings is the reference of every test here: one process with the global batch, two nodes, an elastic restart.
+# its own (identical) weights, which must equal one process's average. One uninterrupted job with these settings
+# (forked ranks: lab's code path under torchrun) is the reference of every test here: one process with the global
+# batch, two nodes, an elastic restart, which must match it bit for bit.
 JOB = ["trainer.deterministic=true", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
        "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.async_write=false",
        "callbacks=[default,ema]", "callbacks.ema.warmup=false", "callbacks.ema.decay=0.5"]  # fmt: skip
@@ -81,20 +89,10 @@ JOB = ["trainer.deterministic=true", "trainer.max_epochs=1", "trainer.limit_trai
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run dir of the job on one node with two processes (batch 8 each)."""
+    """The run dir of the job on one node with two (forked) processes (batch 8 each)."""
     log_dir = tmp_path_factory.mktemp("ddp")
-    torchrun(log_dir, *JOB, "dataset.batch_size=8", probe=log_dir / "exit_probe")
+    forked_ddp(log_dir, *JOB, "dataset.batch_size=8")
     return only_run_dir(log_dir)
-
-
-@pytest.mark.slow
-def test_ranks_exit_with_their_process_group_gone(uninterrupted: Path) -> None:
-    # A gloo process group still alive at interpreter exit aborts a finished rank at random ("terminate called
-    # without an active exception", exit -6, and torchrun reports the job failed): none may be left by then.
-    probe = uninterrupted.parents[2] / "exit_probe"
-    for rank in ("0", "1"):
-        threads = (probe / f"threads-{rank}").read_text().split()
-        assert threads and not [name for name in threads if "gloo" in name], (rank, threads)
 
 
 @pytest.mark.slow
@@ -153,23 +151,42 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
-@pytest.mark.slow
-def test_two_nodes_run_one_job_that_global_rank_0_alone_writes(uninterrupted: Path, tmp_path: Path):
-    # Two torchrun launches of one process each, as on two machines: c10d rendezvous on localhost. Each "node"
-    # runs in its own folder with the default relative `outputs/`, as if each had its own disk, so that a file
-    # written by the wrong process shows up on the wrong node.
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The job (`uninterrupted`'s) as two torchrun launches of one process each, as on two machines: c10d rendezvous
+    on localhost. Each "node" runs in its own folder (`node0`, `node1`) with the default relative `outputs/`, as if
+    each had its own disk, so that a file written by the wrong process shows up on the wrong node. Each worker, a
+    real interpreter started by torchrun, runs EXIT_PROBE: `exit_probe/threads-<global rank>`."""
+    tmp_path = tmp_path_factory.mktemp("two_nodes")
     port, nodes = free_port(), [tmp_path / "node0", tmp_path / "node1"]
+    env = probe_env(tmp_path / "exit_probe")
     procs = []
     for node_rank, cwd in enumerate(nodes):
         cwd.mkdir()
         args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                 "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=job",
                 str(ROOT / "train.py"), "trainer=ddp", *MODEL, *JOB, "dataset.batch_size=8"]  # fmt: skip
-        procs.append(subprocess.Popen(args, cwd=cwd, env=cli_env(), stdin=subprocess.DEVNULL, text=True,
+        procs.append(subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-5000:]
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_torchrun_workers_exit_with_no_gloo_thread_left(two_nodes: Path) -> None:
+    # A gloo process group still alive at interpreter exit aborts a finished rank at random ("terminate called
+    # without an active exception", exit -6, and torchrun reports the job failed): none may be left by then, in
+    # any rank (forked ranks end with os._exit, so only a real worker's exit shows it).
+    for rank in ("0", "1"):
+        threads = (two_nodes / "exit_probe" / f"threads-{rank}").read_text().split()
+        assert threads and not [name for name in threads if "gloo" in name], (rank, threads)
+
+
+@pytest.mark.slow
+def test_two_nodes_run_one_job_that_global_rank_0_alone_writes(uninterrupted: Path, two_nodes: Path):
+    nodes = [two_nodes / "node0", two_nodes / "node1"]
     # The rendezvous, not --node_rank, decides which node holds global rank 0: that node alone has files.
     written = [files_under(node) for node in nodes]
     assert sorted(map(bool, written)) == [False, True], written
@@ -180,11 +197,11 @@ def test_two_nodes_run_one_job_that_global_rank_0_alone_writes(uninterrupted: Pa
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "success"
 
     # The same job on one node with two processes: the same tensors, bit for bit.
-    two_nodes = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    one_node = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
-    assert two_nodes["global_step"] == one_node["global_step"] == 6
+    two = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    one = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
+    assert two["global_step"] == one["global_step"] == 6
     for part in ("model", "callbacks"):
-        torch.testing.assert_close(two_nodes[part], one_node[part], rtol=0, atol=0)
+        torch.testing.assert_close(two[part], one[part], rtol=0, atol=0)
 
 
 # Rank 1 of the first group (torchrun's attempt 0) dies right after its optimizer step KILL_AT_STEP, as a crashed
