@@ -29,10 +29,16 @@ import pytest
 # inductor imports for trainer.compile, refuses to load after that in the same process.
 import setuptools  # noqa: F401
 import torch
+import torch.utils.tensorboard  # imported once here: see below
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+# What every run imports (train.py's modules, TensorBoard's writer) is imported once here: the processes a test
+# forks (`Forked`, `forked_ranks`) inherit it instead of each importing it again.
+import lab.hydra_callbacks
 import lab.resolvers  # `import lab` registers the config resolvers
+import lab.train
+import lab.trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
