@@ -184,7 +184,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
 def test_a_diverged_job_is_a_failed_objective_and_the_sweep_goes_on(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = train(None, "hydra.mode=MULTIRUN", POISON.format(2), "callbacks.poison.after_steps=2,1000",
-                     f"hydra.sweep.dir={sweep}", *TINY, "trainer.log_every_n_steps=1", "logger=none",
+                     f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logger=none",
                      env=POISON_ENV)  # fmt: skip
     assert proc.returncode == 0
     first, second = (json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1))
