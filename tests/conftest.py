@@ -45,6 +45,9 @@ CONF = ROOT / "conf"
 # Small and quick, but still real training: two epochs of a few batches.
 TINY = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2"]
 QUIET = ["trainer.progress_bar=false", "print_config=false"]
+# A few hundred generated images instead of digits' 1,797, for runs whose backbone sees every image (feature
+# extraction, an unfrozen network): that pass is most of such a run's work.
+FEW_IMAGES = ["dataset=synthetic", "dataset.source.num_samples=256", "dataset.batch_size=32"]
 # One intra-op thread, here and in every process a test starts: the test models are tiny, and two threads
 # spin-waiting on a busy 2-core machine make a step 10-40x slower than one.
 THREADS = "1"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY, compose_config, train
+from conftest import CONF, FEW_IMAGES, TINY, compose_config, train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -132,9 +132,8 @@ def test_offline_without_cached_weights_is_one_clear_error(
 
 
 def test_unfreeze_at_epoch_then_resume_after_unfreezing(tmp_path: Path) -> None:
-    # A few hundred generated images (not digits' 1,797): the backbone runs on every batch here, nothing is cached.
-    args = ["dataset=synthetic", "dataset.source.num_samples=256", "dataset.batch_size=32",
-            "model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=16", "model.unfreeze_at_epoch=2",
+    # The backbone runs on every batch here, nothing is cached.
+    args = [*FEW_IMAGES, "model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=16", "model.unfreeze_at_epoch=2",
             "model.backbone_lr_scale=0.1", "scheduler=cosine", "test=false", "trainer.limit_val_batches=1", "logger=none", "monitor=none", *TINY]  # fmt: skip
 
     def backbone(state: dict) -> dict:

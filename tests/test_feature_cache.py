@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import FEW_IMAGES, TINY, compose_config
 
 import lab.data.features as features
 from lab.data.features import cached_split
@@ -19,9 +19,6 @@ from lab.train import run
 
 ARGS = ["model=mobilenet_v3_small_frozen", "model.weights=null", "dataset.image_size=32", "logger=none", "monitor=none",
         "print_config=false", "trainer.progress_bar=false", *TINY]  # fmt: skip
-# A few hundred generated images, not digits' 1,797: extracting features is most of a run's work, and this test
-# extracts every split three times.
-SYNTHETIC = ["dataset=synthetic", "dataset.source.num_samples=256", "dataset.batch_size=32"]
 
 
 @pytest.fixture
@@ -40,7 +37,7 @@ def extractions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_second_run_loads_instead_of_extracting(tmp_path: Path, extractions: list[int]) -> None:
     cache = tmp_path / "cache"
-    args = [*ARGS, *SYNTHETIC]
+    args = [*ARGS, *FEW_IMAGES]
     run(compose_config([*args, f"paths.feature_cache={cache}"], tmp_path / "a"))
     assert len(extractions) == 3 and len(list(cache.glob("mobilenet_v3_small-*.pt"))) == 3
     run(compose_config([*args, f"paths.feature_cache={cache}", "optimizer.lr=0.01"], tmp_path / "b"))

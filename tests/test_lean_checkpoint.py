@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, compose_config, train
+from conftest import FEW_IMAGES, TINY, compose_config, train
 
 from lab import Callback
 from lab import checkpoint as ckpt
@@ -21,11 +21,7 @@ from lab.train import run
 
 SMALL = [
     "model=resnet18_frozen",
-    # A few hundred generated images, not digits' 1,797: the features of every split are extracted, and a run
-    # after the unfreeze trains the whole network.
-    "dataset=synthetic",
-    "dataset.source.num_samples=256",
-    "dataset.batch_size=32",
+    *FEW_IMAGES,  # the features of every split are extracted, and a run after the unfreeze trains the whole network
     "dataset.image_size=16",
     "logger=none",
     "monitor=none",

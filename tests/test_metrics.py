@@ -8,14 +8,13 @@ import functools
 import importlib
 import json
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, train
+from conftest import QUIET, free_port, train
 
 from lab.tasks import metrics
 
@@ -165,12 +164,6 @@ def test_a_top_k_above_the_classes_is_built_for_the_task_to_leave_out() -> None:
 def test_regression_preds_of_another_shape_are_an_error_not_a_broadcast() -> None:
     with pytest.raises(ValueError, match="shape"):
         metrics.MeanSquaredError().update(torch.zeros(4, 1), torch.zeros(4))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_under_ddp_compute_is_the_value_over_every_rank(tmp_path: Path) -> None:

@@ -521,9 +521,8 @@ def _from_library(error: BaseException) -> bool:
     if not ours:
         return True
     innermost_call = ours[0]  # the frame Hydra called: the class's own __init__
-    paths = [
-        f"/{lib.rstrip('.').replace('.', '/')}" for lib in LIBRARIES
-    ]  # a package folder or a module file
+    # A library's package folder (`/torch/`) or module file (`/lab/tasks/metrics.py`).
+    paths = [f"/{lib.rstrip('.').replace('.', '/')}" for lib in LIBRARIES]
     return any(f"{path}/" in innermost_call or innermost_call.endswith(f"{path}.py") for path in paths)
 
 
