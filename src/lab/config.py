@@ -439,19 +439,22 @@ def register_schemas() -> None:
 def check_schema(node: DictConfig, schema: type, key: str, typed: bool = False) -> None:
     """`node`'s keys that `schema` has: of its types (unless `typed`: checked already, as part of the node
     above) and in its ranges."""
-    hints = typing.get_type_hints(schema)
-    known = {f.name: f for f in fields(schema) if f.name in node}
-    if not typed:
-        try:
-            OmegaConf.merge(structured(schema), {name: node[name] for name in known})
-        except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
-            if (cause := user_error_in(e)) is not None:  # raised by a resolver while reading a value
-                raise cause from None
-            name = getattr(e, "full_key", "") or ""
-            raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
-                            "give a value of the type the key takes") from None  # fmt: skip
-    for name, f in known.items():
-        value = node[name]
+    hints, schema_fields = schema_info(schema)
+    typed = typed or OmegaConf.get_type(node) is schema  # composed on the schema: OmegaConf typed it
+    try:
+        values = {f.name: node[f.name] for f in schema_fields if f.name in node}  # resolved once
+        if not typed:
+            OmegaConf.merge(structured(schema), values)
+    except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
+        if (cause := user_error_in(e)) is not None:  # raised by a resolver while reading a value
+            raise cause from None
+        name = getattr(e, "full_key", "") or ""
+        raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
+                        "give a value of the type the key takes") from None  # fmt: skip
+    for f in schema_fields:
+        if f.name not in values:
+            continue
+        name, value = f.name, values[f.name]
         if isinstance(value, DictConfig) and is_dataclass(hints.get(name)):
             check_schema(value, hints[name], f"{key}.{name}", typed=True)
         rule = f.metadata.get("range")
@@ -459,6 +462,12 @@ def check_schema(node: DictConfig, schema: type, key: str, typed: bool = False) 
             shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
             where = written_at(node, name, f"{key}.{name}")
             raise UserError(f"must be {rule.want}, got {shown!r}", where, f"set e.g. {where}={rule.example}")
+
+
+@functools.cache
+def schema_info(schema: type) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """The schema's type hints and fields, read once per process."""
+    return typing.get_type_hints(schema), fields(schema)
 
 
 @functools.cache
