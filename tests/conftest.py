@@ -29,6 +29,7 @@ import pytest
 # inductor imports for trainer.compile, refuses to load after that in the same process.
 import setuptools  # noqa: F401
 import torch
+import torch._dynamo  # imported by the first optimizer of a process (2 CPU s here): once, before any fork
 import torch.utils.tensorboard  # imported once here: see below
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
