@@ -110,16 +110,9 @@ def print_config(config: dict[str, Any]) -> None:
 
     tree = Tree("config", guide_style="dim")
     for key, value in config.items():
-        text = as_yaml(value) if isinstance(value, dict) else str(value)
+        text = OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
         tree.add(str(key)).add(Syntax(text.rstrip(), "yaml", background_color="default"))
     rich_print(tree)
-
-
-def as_yaml(config: dict[str, Any]) -> str:
-    """A resolved config (plain values) as YAML: PyYAML directly, without building an OmegaConf node first."""
-    import yaml
-
-    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
 def model_summary(model: Any, example: Any) -> str:
@@ -436,7 +429,7 @@ def fit_and_report(job: Job) -> float:
     try:
         loggers.log_config(job.config)
         loggers.watch(trainer.network.module)  # the module that runs: the head alone on cached features
-        loggers.log_text("config", as_yaml(job.config))
+        loggers.log_text("config", OmegaConf.to_yaml(job.config))
         loggers.log_text("model_summary", summary)
         if cfg.train:
             trainer.fit()
