@@ -441,8 +441,9 @@ def check_schema(node: DictConfig, schema: type, key: str, typed: bool = False) 
     above) and in its ranges."""
     hints, schema_fields = schema_info(schema)
     typed = typed or OmegaConf.get_type(node) is schema  # composed on the schema: OmegaConf typed it
+    known = [f for f in schema_fields if f.name in node]
     try:
-        values = {f.name: node[f.name] for f in schema_fields if f.name in node}  # resolved once
+        values = {f.name: node[f.name] for f in known}  # each resolved once
         if not typed:
             OmegaConf.merge(structured(schema), values)
     except Exception as e:  # an OmegaConf ValidationError: a value of the wrong type
@@ -451,9 +452,7 @@ def check_schema(node: DictConfig, schema: type, key: str, typed: bool = False) 
         name = getattr(e, "full_key", "") or ""
         raise UserError(str(e).splitlines()[0], f"{key}.{name}" if name else key,
                         "give a value of the type the key takes") from None  # fmt: skip
-    for f in schema_fields:
-        if f.name not in values:
-            continue
+    for f in known:
         name, value = f.name, values[f.name]
         if isinstance(value, DictConfig) and is_dataclass(hints.get(name)):
             check_schema(value, hints[name], f"{key}.{name}", typed=True)
